@@ -1,0 +1,3 @@
+from memlend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""memlend's command line: mount, umount, stats, sim, demo.
+
+Every user mistake ends as one line on stderr and a non-zero exit status:
+UserError -> 2, other OSError -> 1. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from memlend import __version__
+from memlend.errors import UserError
+from memlend.sizes import parse_size
+
+DEFAULT_CACHE = "256M"
+DEFAULT_BLOCK = "64K"
+DEFAULT_POLICY = "s3fifo"
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _state_dir() -> Path:
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    d = Path(base) / "memlend"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+def _log_path(mountpoint: str) -> Path:
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "root"
+    return _state_dir() / f"mount-{name}.log"
+
+
+# ---- mount ----------------------------------------------------------------
+
+
+def _add_mount(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mount",
+        help="mirror a directory through memlend's cache (FUSE)",
+        description=(
+            "Mount BACKING at MOUNTPOINT. Reads are served from memlend's own block cache "
+            "(BACKING is read with O_DIRECT, the mount uses direct I/O, so the kernel page "
+            "cache keeps no second copy); writes go straight through to BACKING. Returns "
+            "once the mount is ready; the daemon keeps running in the background and logs "
+            "to /run/memlend/mount-<mountpoint>.log (or $XDG_RUNTIME_DIR/memlend). Stop it "
+            "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon."
+        ),
+    )
+    p.add_argument("backing", metavar="BACKING", help="the directory to mirror")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
+    p.add_argument(
+        "--cache-size",
+        type=_size,
+        default=DEFAULT_CACHE,
+        metavar="SIZE",
+        help=f"memory for cached blocks, bookkeeping included: a hard limit "
+        f"(e.g. 512M, 1.5G; default {DEFAULT_CACHE})",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_size,
+        default=DEFAULT_BLOCK,
+        metavar="SIZE",
+        help=f"cache block size, a power of two from 4K to 1M (default {DEFAULT_BLOCK}; "
+        "see docs/design-choices.md)",
+    )
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        metavar="NAME",
+        help=f"replacement policy (default {DEFAULT_POLICY}; `memlend sim --help` lists them)",
+    )
+    p.add_argument("--threads", type=int, default=4, help="FUSE worker threads (default 4)")
+    p.add_argument(
+        "--attr-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long the kernel may cache attributes and names (default 1.0); data "
+        "changes outside the mount are always seen at the next open",
+    )
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
+    p.add_argument("--debug", action="store_true", help="verbose logging")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+
+def _mount_config(args: argparse.Namespace):  # -> MountConfig
+    from memlend.fs.daemon import MountConfig, check_config
+
+    cfg = MountConfig(
+        backing=args.backing,
+        mountpoint=args.mountpoint,
+        cache_size=args.cache_size,
+        block_size=args.block_size,
+        policy=args.policy,
+        threads=args.threads,
+        attr_timeout=args.attr_timeout,
+    )
+    return check_config(cfg)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from memlend.fs.daemon import serve
+
+    _mount_config(args)  # refuse bad input here, before any daemon exists
+    if args.foreground or args.ready_fd is not None:
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            filename=args.log_file,
+        )
+        if args.ready_fd is None:
+            return serve(_mount_config(args), _print_ready)
+        return serve(_mount_config(args), _pipe_ready(args.ready_fd))
+    return _spawn_daemon(args)
+
+
+def _print_ready(error: str | None) -> None:
+    if error:
+        print(f"memlend: {error}", file=sys.stderr)
+    else:
+        print("memlend: mounted; Ctrl-C to unmount", file=sys.stderr)
+
+
+def _pipe_ready(fd: int):  # -> Callable[[str | None], None]
+    def ready(error: str | None) -> None:
+        nonlocal fd
+        if fd < 0:
+            return
+        os.write(fd, (f"error {error}\n" if error else "ok\n").encode())
+        os.close(fd)
+        fd = -1
+
+    return ready
+
+
+def _spawn_daemon(args: argparse.Namespace) -> int:
+    log_file = args.log_file or str(_log_path(args.mountpoint))
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "memlend", "mount", args.backing, args.mountpoint]
+    cmd += ["--cache-size", str(args.cache_size), "--block-size", str(args.block_size)]
+    cmd += ["--policy", args.policy, "--threads", str(args.threads)]
+    cmd += ["--attr-timeout", str(args.attr_timeout), "--log-file", log_file]
+    cmd += ["--ready-fd", str(w)] + (["--debug"] if args.debug else [])
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=devnull, stdout=log, stderr=log, pass_fds=[w], start_new_session=True
+        )
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        line = f.readline().decode().strip()
+    if line == "ok":
+        return 0
+    if line.startswith("error "):
+        raise UserError(line[6:])
+    code = proc.wait()
+    raise UserError(f"the mount daemon exited ({code}) before the mount was ready; see {log_file}")
+
+
+# ---- umount / stats ---------------------------------------------------------
+
+
+def read_stats(mountpoint: str) -> dict:
+    """The live counters of the memlend mount at `mountpoint`."""
+    from memlend.fs.passthrough import STATS_XATTR
+
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"{mountpoint} is not a directory")
+    try:
+        raw = os.getxattr(mountpoint, STATS_XATTR.decode())
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise UserError(f"{mountpoint} is not a memlend mount") from None
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise UserError(f"{mountpoint}: the memlend daemon is gone (use umount)") from None
+        raise
+    return json.loads(raw)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from memlend.fuse.mount import unmount
+
+    pid = read_stats(args.mountpoint)["pid"]
+    try:
+        unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise UserError(
+                f"{args.mountpoint} is busy: files are open there (close them, or use --lazy)"
+            ) from None
+        raise
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break
+        except OSError:
+            break
+        time.sleep(0.05)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = read_stats(args.mountpoint)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    from memlend.report import stats_table
+
+    stats_table(stats)
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from memlend import sim
+
+    return sim.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memlend.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---- entry point -------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus the exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memlend",
+        description="memlend: a user-space, scan-resistant file cache for VMs (FUSE). "
+        "Start with `memlend demo`.",
+    )
+    parser.add_argument("--version", action="version", version=f"memlend {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    _add_mount(sub)
+
+    p = sub.add_parser("umount", help="unmount a memlend mount and stop its daemon")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--lazy", action="store_true", help="detach now even if files are open (as umount -l)"
+    )
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("stats", help="live counters of a running mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_stats)
+
+    try:  # TEMP until sim.py lands
+        from memlend import sim
+    except ImportError:
+        sim = None
+    p = sub.add_parser(
+        "sim",
+        help="replay block traces through the cache policies",
+        description="Replay block traces through the very policy code the mount uses "
+        "and print miss ratios.",
+    )
+    if sim:
+        sim.add_arguments(p)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser(
+        "demo",
+        help="mount a sample data set, read it, show what the cache did",
+        description="Creates a sample data set in a temporary directory, mounts it with a "
+        "cache smaller than the data, runs a skewed random-read workload plus a scan "
+        "through the mount, prints what the cache did, and unmounts. Needs root (or "
+        "fusermount3) and /dev/fuse.",
+    )
+    p.add_argument("--dataset", type=_size, default="128M", help="sample data size")
+    p.add_argument("--cache-size", type=_size, default="48M", help="memlend cache size")
+    p.add_argument("--reads", type=int, default=20000, help="random 4 KiB reads")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"memlend: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"memlend: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memlend: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,130 @@
+"""The local tier: block data in an Arena, replacement decided by a Policy.
+
+Keys are ints, (file_id << FILE_SHIFT) | block_no: cheaper to hash and store
+than tuples, which matters at a million blocks. One lock guards the index, the
+policy and the arena's free list; data is copied in and out under it, so a
+slot is never overwritten while a reader copies from it.
+
+The slot count is derived from the memory budget *including* the per-block
+bookkeeping (index entry, policy entries and their ghosts), so cache_size is a
+real bound on what the cache holds, not just on its data.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+
+from memlend.arena import Arena
+from memlend.policies import make_policy
+from memlend.stats import MountStats
+
+FILE_SHIFT = 40  # block numbers below 2**40: files up to 4 PiB at 4 KiB blocks
+BLOCK_MASK = (1 << FILE_SHIFT) - 1
+# Measured Python heap per resident block (index + policy + ghosts), rounded up:
+# see docs/design-choices.md ("bookkeeping per block").
+META_BYTES_PER_BLOCK = 400
+
+
+def slots_for(cache_size: int, block_size: int) -> int:
+    """How many blocks fit in `cache_size` bytes, bookkeeping included."""
+    return cache_size // (block_size + META_BYTES_PER_BLOCK)
+
+
+class BlockCache:
+    def __init__(self, cache_size: int, block_size: int, policy: str, stats: MountStats) -> None:
+        nslots = slots_for(cache_size, block_size)
+        if nslots < 1:
+            raise ValueError(f"cache size {cache_size} holds no block of {block_size} bytes")
+        self.block_size = block_size
+        self.arena = Arena(nslots, block_size)
+        self.policy = make_policy(policy, nslots)
+        self.stats = stats
+        self.lock = threading.Lock()
+        self._index: dict[int, int] = {}  # key -> slot
+        self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
+        self._per_file: dict[int, int] = {}  # file_id -> resident blocks
+        stats.slots = nslots
+
+    @property
+    def slots(self) -> int:
+        return self.arena.slots
+
+    def resident(self, file_id: int) -> int:
+        return self._per_file.get(file_id, 0)
+
+    # All methods below expect self.lock to be held by the caller.
+
+    def copy_out(self, base: int, first: int, last: int, out: memoryview) -> list[int]:
+        """Copy blocks first..last of file `base` into out[i*bs:]; return each block's
+        valid length, or -1 for a miss."""
+        bs = self.block_size
+        index, policy, arena, length = self._index, self.policy, self.arena.view, self._length
+        lens = []
+        pos = 0
+        for b in range(first, last + 1):
+            slot = index.get(base | b)
+            if slot is None:
+                lens.append(-1)
+            else:
+                policy.touch(base | b)
+                n = length[slot]
+                src = slot * bs
+                out[pos : pos + n] = arena[src : src + n]
+                lens.append(n)
+            pos += bs
+        hits = sum(1 for n in lens if n >= 0)
+        self.stats.local_hits += hits
+        self.stats.local_misses += len(lens) - hits
+        return lens
+
+    def insert(self, key: int, data: memoryview) -> None:
+        """Store `data` (at most one block) under `key`, evicting as the policy says."""
+        slot = self._index.get(key)
+        if slot is None:
+            for victim in self.policy.admit(key):
+                self._forget(victim)
+                self.stats.evictions += 1
+            slot = self.arena.alloc()
+            if slot is None:  # only if the policy evicted nothing although full
+                raise RuntimeError("cache policy over capacity")
+            self._index[key] = slot
+            fid = key >> FILE_SHIFT
+            self._per_file[fid] = self._per_file.get(fid, 0) + 1
+        n = len(data)
+        start = slot * self.block_size
+        self.arena.view[start : start + n] = data
+        self._length[slot] = n
+        self.stats.resident_blocks = len(self._index)
+
+    def _forget(self, key: int) -> None:
+        slot = self._index.pop(key)
+        self.arena.free(slot)
+        fid = key >> FILE_SHIFT
+        left = self._per_file[fid] - 1
+        if left:
+            self._per_file[fid] = left
+        else:
+            del self._per_file[fid]
+
+    def drop_range(self, file_id: int, first: int, last: int) -> int:
+        """Drop the cached blocks first..last (inclusive) of `file_id`; return how many."""
+        base = file_id << FILE_SHIFT
+        if not self._per_file.get(file_id):
+            return 0
+        dropped = 0
+        index = self._index
+        for b in range(first, last + 1):
+            key = base | b
+            if key in index:
+                self.policy.discard(key)
+                self._forget(key)
+                dropped += 1
+                if not self._per_file.get(file_id):
+                    break
+        self.stats.invalidated_blocks += dropped
+        self.stats.resident_blocks = len(index)
+        return dropped
+
+    def close(self) -> None:
+        self.arena.close()

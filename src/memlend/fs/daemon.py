@@ -1,0 +1,179 @@
+"""The mount daemon: checks the configuration, mounts, serves, unmounts.
+
+`memlend mount` without --foreground starts this same code in a new session
+and waits for one line on a pipe: "ok" once the kernel handshake is done, or
+"error <message>" — so the command returns only when the mount is usable,
+and every failure reaches the user as one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memlend.errors import UserError
+from memlend.fs.cache import BlockCache, slots_for
+from memlend.fs.passthrough import Passthrough
+from memlend.fuse.mount import MountError, is_mountpoint, mount, unmount
+from memlend.fuse.session import Session
+from memlend.stats import MountStats
+
+log = logging.getLogger("memlend")
+
+MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
+
+
+@dataclass
+class MountConfig:
+    backing: str
+    mountpoint: str
+    cache_size: int
+    block_size: int
+    policy: str
+    threads: int = 4
+    attr_timeout: float = 1.0
+    direct_io: bool = True
+
+
+def check_config(cfg: MountConfig) -> MountConfig:
+    """Validate paths and sizes; return the config with absolute paths. UserError if bad."""
+    from memlend.policies import POLICIES
+
+    backing = os.path.realpath(cfg.backing)
+    mnt = os.path.realpath(cfg.mountpoint)
+    if not os.path.exists(backing):
+        raise UserError(f"backing directory {cfg.backing} does not exist")
+    if not os.path.isdir(backing):
+        raise UserError(f"backing path {cfg.backing} is not a directory")
+    if not os.path.exists(mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} does not exist (create it first)")
+    if not os.path.isdir(mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} is not a directory")
+    if mnt == backing or mnt.startswith(backing.rstrip("/") + "/"):
+        raise UserError(
+            f"mountpoint {cfg.mountpoint} is inside the backing directory {cfg.backing}; "
+            "choose a mountpoint outside it"
+        )
+    if is_mountpoint(mnt):
+        raise UserError(f"mountpoint {cfg.mountpoint} is busy: something is already mounted there")
+    bs = cfg.block_size
+    if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
+        raise UserError(f"block size {bs} must be a power of two from 4K to 1M")
+    if slots_for(cfg.cache_size, bs) < 16:
+        raise UserError(
+            f"cache size {cfg.cache_size} is too small for block size {bs} (needs 16 blocks)"
+        )
+    if cfg.policy not in POLICIES:
+        raise UserError(f"unknown policy {cfg.policy!r} (known: {', '.join(sorted(POLICIES))})")
+    if cfg.threads < 1:
+        raise UserError("--threads must be at least 1")
+    cfg.backing, cfg.mountpoint = backing, mnt
+    return cfg
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _Notifier:
+    """Sends kernel invalidations from a thread of its own, never from a handler."""
+
+    def __init__(self, session: Session) -> None:
+        self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._session = session
+        threading.Thread(target=self._run, name="notify", daemon=True).start()
+
+    def __call__(self, nodeid: int) -> None:
+        self._q.put(nodeid)
+
+    def _run(self) -> None:
+        while True:
+            self._session.notify_inval_inode(self._q.get())
+
+
+def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
+    """Mount and serve until unmounted. Calls ready(None) once usable, ready(msg) on failure."""
+    try:
+        cfg = check_config(cfg)
+    except UserError as e:
+        ready(str(e))
+        return 2
+    os.umask(0)  # the kernel applied the caller's umask already
+    _raise_fd_limit()
+    stats = MountStats(
+        pid=os.getpid(),
+        backing=cfg.backing,
+        mountpoint=cfg.mountpoint,
+        cache_size=cfg.cache_size,
+        block_size=cfg.block_size,
+        policy=cfg.policy,
+        direct_io=cfg.direct_io,
+        started=time.time(),
+    )
+    cache = BlockCache(cfg.cache_size, cfg.block_size, cfg.policy, stats)
+    fs = Passthrough(cfg.backing, cache, stats, direct_io=cfg.direct_io)
+    try:
+        fd = mount(cfg.mountpoint, f"memlend:{cfg.backing}", max_read=1 << 20)
+    except MountError as e:
+        ready(str(e))
+        return 1
+    session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
+                      entry_timeout=cfg.attr_timeout)  # fmt: skip
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("signal %d: unmounting %s", signum, cfg.mountpoint)
+        threading.Thread(target=_unmount_quietly, args=(cfg.mountpoint,), daemon=True).start()
+
+    try:
+        session.handshake()
+        stats.mmap_allowed = session.mmap_allowed
+        fs.on_outside_change = _Notifier(session)
+        session.start()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        log.info(
+            "mounted %s on %s: cache %d blocks of %d bytes, policy %s%s",
+            cfg.backing, cfg.mountpoint, cache.slots, cfg.block_size, cfg.policy,
+            "" if session.mmap_allowed else " (kernel lacks DIRECT_IO_ALLOW_MMAP: no shared mmap)",
+        )  # fmt: skip
+        ready(None)
+        while not session.wait(timeout=0.5):
+            pass
+    except BaseException as e:
+        ready(f"mount {cfg.mountpoint}: {e}")
+        _unmount_quietly(cfg.mountpoint)
+        raise
+    finally:
+        fs.destroy()
+        os.close(fd)
+        cache.close()
+    log.info("unmounted %s", cfg.mountpoint)
+    return 0
+
+
+def _unmount_quietly(mountpoint: str) -> None:
+    try:
+        unmount(mountpoint)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):
+            return  # not mounted any more
+        # Files still open: detach now, the kernel finishes when they are closed.
+        try:
+            unmount(mountpoint, lazy=True)
+        except OSError as e2:
+            log.error("cannot unmount %s: %s", mountpoint, e2)

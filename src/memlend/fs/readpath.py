@@ -1,0 +1,133 @@
+"""The read path: local cache first, then the backing store with O_DIRECT.
+
+Each FUSE worker thread owns one page-aligned buffer big enough for the
+largest request plus a block on each side. Cached blocks are copied into it
+under the cache lock; misses are read from the backing store straight into
+it (contiguous misses as one aligned preadv), then inserted into the cache.
+The reply is one memoryview slice of that buffer: no further copies.
+
+Race with writers: a reader notes the file's version before going to disk
+and inserts what it read only if the version is unchanged afterwards, so a
+block read before a concurrent write can never be cached after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.stats import MountStats
+
+if TYPE_CHECKING:
+    from memlend.fs.passthrough import FileState
+
+log = logging.getLogger("memlend.fs")
+
+
+class ReadPath:
+    def __init__(self, cache: BlockCache, stats: MountStats, *, direct_io: bool = True) -> None:
+        self.cache = cache
+        self.stats = stats
+        self.bs = cache.block_size
+        self.shift = self.bs.bit_length() - 1
+        self.direct_io = direct_io
+        self.max_request = 1 << 20
+        self._local = threading.local()
+        self._warned = False
+
+    def open_for_reading(self, path_fd: int, fallback_fd: int) -> int:
+        """An O_DIRECT descriptor of the backing file, or `fallback_fd` if refused."""
+        if self.direct_io:
+            try:
+                return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                if not self._warned:
+                    log.warning("backing store refuses O_DIRECT: buffered reads, pages dropped")
+                    self._warned = True
+        return fallback_fd
+
+    def _buffer(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            size = self.max_request + 2 * self.bs
+            # mmap: page aligned, so slices at block offsets suit O_DIRECT.
+            self._local.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf = self._local.buf = memoryview(self._local.map)
+        return buf
+
+    def read(
+        self, fd: int, state: FileState, offset: int, size: int, buffered: bool = False
+    ) -> list[memoryview]:
+        if size <= 0:
+            return []
+        size = min(size, self.max_request)
+        bs, shift, cache = self.bs, self.shift, self.cache
+        first, last = offset >> shift, (offset + size - 1) >> shift
+        out = self._buffer()
+        with cache.lock:
+            version = state.version
+            base = state.file_id << FILE_SHIFT
+            lens = cache.copy_out(base, first, last, out)
+        if -1 in lens:
+            self._fill_misses(fd, state, version, base, first, lens, out, buffered)
+        # The data ends at the first short block (end of file).
+        end = len(lens) * bs
+        for i, n in enumerate(lens):
+            if n < bs:
+                end = i * bs + n
+                break
+        start = offset - (first << shift)
+        end = min(end, start + size)
+        return [out[start:end]] if end > start else []
+
+    def _fill_misses(
+        self,
+        fd: int,
+        state: FileState,
+        version: int,
+        base: int,
+        first: int,
+        lens: list[int],
+        out: memoryview,
+        buffered: bool,
+    ) -> None:
+        bs = self.bs
+        i, count = 0, len(lens)
+        fetched: list[tuple[int, int]] = []  # (index in request, valid bytes)
+        while i < count:
+            if lens[i] >= 0:
+                i += 1
+                continue
+            j = i
+            while j < count and lens[j] < 0:
+                j += 1
+            # One aligned read for the run of misses i..j-1.
+            n = os.preadv(fd, [out[i * bs : j * bs]], (first + i) * bs)
+            if buffered:  # no O_DIRECT here: keep the page cache from holding a copy
+                os.posix_fadvise(fd, (first + i) * bs, n, os.POSIX_FADV_DONTNEED)
+            self.stats.disk_reads += 1
+            self.stats.disk_read_bytes += n
+            for k in range(i, j):
+                got = max(0, min(bs, n - (k - i) * bs))
+                lens[k] = got
+                fetched.append((k, got))
+            if n < (j - i) * bs:  # end of file: nothing beyond is worth reading
+                for k in range(j, count):
+                    lens[k] = 0
+                break
+            i = j
+        if not fetched:
+            return
+        with self.cache.lock:
+            if state.version != version:
+                return  # a write raced with us: serve what we read, cache none of it
+            for k, got in fetched:
+                if got:
+                    self.cache.insert(base | (first + k), out[k * bs : k * bs + got])

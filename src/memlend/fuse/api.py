@@ -1,0 +1,162 @@
+"""The file-system side of the FUSE protocol layer: what a file system implements.
+
+The session (session.py) decodes requests into these calls and encodes their
+results; a file system never sees protocol bytes. Every method may raise
+OSError, whose errno becomes the reply's error; the default for anything a
+file system does not implement is ENOSYS, which the kernel remembers for most
+operations and then handles itself (locks, access, copy_file_range...).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Context(NamedTuple):
+    """Who made the request."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetattrRequest:
+    """A setattr call; fields are None when the kernel did not ask to change them."""
+
+    fh: int | None
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    size: int | None
+    atime_ns: int | None  # os.utime semantics: None = leave alone
+    mtime_ns: int | None
+    atime_now: bool
+    mtime_now: bool
+
+
+class DirEntry(NamedTuple):
+    name: bytes
+    ino: int
+    dtype: int  # DT_* (st_mode >> 12)
+    next_offset: int  # offset to resume after this entry
+
+
+def _nosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+class Operations:
+    """Base class; override what the file system supports."""
+
+    def init(self, session: object) -> None:
+        """Called once the kernel handshake is done."""
+
+    def destroy(self) -> None:
+        """Called when the session ends (unmount)."""
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> tuple[int, os.stat_result]:
+        raise OSError(errno.ENOENT, "not found")
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        pass
+
+    def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
+        raise _nosys()
+
+    def setattr(self, ctx: Context, nodeid: int, req: SetattrRequest) -> os.stat_result:
+        raise _nosys()
+
+    def readlink(self, nodeid: int) -> bytes:
+        raise _nosys()
+
+    def symlink(
+        self, ctx: Context, parent: int, name: bytes, target: bytes
+    ) -> tuple[int, os.stat_result]:
+        raise _nosys()
+
+    def mknod(
+        self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int
+    ) -> tuple[int, os.stat_result]:
+        raise _nosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> tuple[int, os.stat_result]:
+        raise _nosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _nosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _nosys()
+
+    def rename(
+        self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
+    ) -> None:
+        raise _nosys()
+
+    def link(
+        self, ctx: Context, nodeid: int, newparent: int, newname: bytes
+    ) -> tuple[int, os.stat_result]:
+        raise _nosys()
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        """Return (fh, FOPEN_* flags)."""
+        raise _nosys()
+
+    def create(
+        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
+    ) -> tuple[int, os.stat_result, int, int]:
+        """Return (nodeid, stat, fh, FOPEN_* flags)."""
+        raise _nosys()
+
+    def read(self, nodeid: int, fh: int, offset: int, size: int) -> Sequence[bytes | memoryview]:
+        raise _nosys()
+
+    def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
+        raise _nosys()
+
+    def flush(self, nodeid: int, fh: int) -> None:
+        pass
+
+    def release(self, nodeid: int, fh: int) -> None:
+        pass
+
+    def fsync(self, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _nosys()
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        raise _nosys()
+
+    def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise _nosys()
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> int:
+        return 0
+
+    def readdir(self, nodeid: int, fh: int, offset: int) -> Iterable[DirEntry]:
+        raise _nosys()
+
+    def releasedir(self, nodeid: int, fh: int) -> None:
+        pass
+
+    def fsyncdir(self, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _nosys()
+
+    def statfs(self, nodeid: int) -> os.statvfs_result:
+        raise _nosys()
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        raise _nosys()
+
+    def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        raise _nosys()
+
+    def listxattr(self, nodeid: int) -> list[bytes]:
+        raise _nosys()
+
+    def removexattr(self, nodeid: int, name: bytes) -> None:
+        raise _nosys()

@@ -1,0 +1,417 @@
+"""The FUSE request loop: read requests from /dev/fuse, decode, call Operations, reply.
+
+Several worker threads block in read(2) on the same /dev/fuse descriptor; the
+kernel hands each request to exactly one of them. Each worker owns one
+preallocated request buffer (os.readv into it, memoryview slices out of it, no
+copies of write payloads) and replies with one os.writev. The GIL is released
+in every system call, so a worker waiting on the disk does not stall the
+others; a cached read is served without leaving the worker that read it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from memlend.fuse import wire
+from memlend.fuse.api import Context, Operations, SetattrRequest
+from memlend.fuse.wire import Op
+
+log = logging.getLogger("memlend.fuse")
+
+Payload = Sequence[bytes | memoryview] | bytes | None
+NO_REPLY = object()  # FORGET and INTERRUPT must not be answered
+
+_HDR = wire.IN_HEADER.size
+_OUT = wire.OUT_HEADER
+
+
+class Session:
+    """One mounted FUSE connection served by `ops`."""
+
+    def __init__(
+        self,
+        fd: int,
+        ops: Operations,
+        *,
+        threads: int = 4,
+        max_write: int = 1 << 20,
+        entry_timeout: float = 1.0,
+        attr_timeout: float = 1.0,
+    ) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.threads = threads
+        self.max_write = max_write
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.proto_minor = 0
+        self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
+        self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
+        self._workers: list[threading.Thread] = []
+        self._handlers: dict[int, Callable[..., object]] = {
+            Op.LOOKUP: self._lookup,
+            Op.FORGET: self._forget,
+            Op.BATCH_FORGET: self._batch_forget,
+            Op.GETATTR: self._getattr,
+            Op.SETATTR: self._setattr,
+            Op.READLINK: self._readlink,
+            Op.SYMLINK: self._symlink,
+            Op.MKNOD: self._mknod,
+            Op.MKDIR: self._mkdir,
+            Op.UNLINK: self._unlink,
+            Op.RMDIR: self._rmdir,
+            Op.RENAME: self._rename,
+            Op.RENAME2: self._rename2,
+            Op.LINK: self._link,
+            Op.OPEN: self._open,
+            Op.CREATE: self._create,
+            Op.READ: self._read,
+            Op.WRITE: self._write,
+            Op.FLUSH: self._flush,
+            Op.RELEASE: self._release,
+            Op.FSYNC: self._fsync,
+            Op.FALLOCATE: self._fallocate,
+            Op.LSEEK: self._lseek,
+            Op.OPENDIR: self._opendir,
+            Op.READDIR: self._readdir,
+            Op.RELEASEDIR: self._releasedir,
+            Op.FSYNCDIR: self._fsyncdir,
+            Op.STATFS: self._statfs,
+            Op.SETXATTR: self._setxattr,
+            Op.GETXATTR: self._getxattr,
+            Op.LISTXATTR: self._listxattr,
+            Op.REMOVEXATTR: self._removexattr,
+            Op.INTERRUPT: lambda *a: NO_REPLY,
+            Op.DESTROY: self._destroy,
+        }
+
+    # ---- life cycle -------------------------------------------------------
+
+    def handshake(self) -> None:
+        """Answer the kernel's INIT; must run before start()."""
+        buf = bytearray(self._bufsize)
+        while True:
+            n = self._read_request(buf)
+            if n is None:
+                raise OSError(errno.ENODEV, "FUSE connection closed before INIT")
+            _, opcode, unique, *_ = wire.IN_HEADER.unpack_from(buf, 0)
+            if opcode == Op.INIT:
+                break
+            self._reply_error(unique, errno.EIO)
+        body = bytes(buf[_HDR:n]).ljust(wire.INIT_IN.size, b"\0")
+        major, minor, max_readahead, flags, flags2 = wire.INIT_IN.unpack_from(body)
+        if major != wire.KERNEL_MAJOR:
+            self._reply_error(unique, errno.EPROTO)
+            raise OSError(errno.EPROTO, f"unsupported FUSE protocol {major}.{minor}")
+        offered = flags | (flags2 << 32 if flags & wire.INIT_EXT else 0)
+        wanted = (
+            wire.ASYNC_READ
+            | wire.BIG_WRITES
+            | wire.MAX_PAGES
+            | wire.PARALLEL_DIROPS
+            | wire.AUTO_INVAL_DATA
+            | wire.INIT_EXT
+            | wire.DIRECT_IO_ALLOW_MMAP
+        )
+        granted = offered & wanted
+        self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
+        self.proto_minor = min(minor, wire.OUR_MAX_MINOR)
+        if not granted & wire.MAX_PAGES:
+            self.max_write = min(self.max_write, 128 * 1024)
+        max_pages = self.max_write // 4096
+        out = wire.INIT_OUT.pack(
+            wire.KERNEL_MAJOR,
+            self.proto_minor,
+            max_readahead,
+            granted & 0xFFFFFFFF,
+            16,  # max_background
+            12,  # congestion_threshold
+            self.max_write,
+            1,  # time_gran: nanoseconds
+            max_pages,
+            0,
+            granted >> 32,
+        )
+        self._reply(unique, [out])
+        self.ops.init(self)
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the workers to end (after unmount); True if they all did."""
+        for t in self._workers:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self._workers)
+
+    def notify_inval_inode(self, nodeid: int) -> None:
+        """Tell the kernel to drop its cached attributes (and pages) of `nodeid`."""
+        body = wire.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0)
+        try:
+            os.writev(self.fd, [_OUT.pack(_OUT.size + len(body), wire.NOTIFY_INVAL_INODE, 0), body])
+        except OSError as e:  # ENOENT: the kernel no longer knows it; fine
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.debug("notify_inval_inode(%d): %s", nodeid, e)
+
+    # ---- the loop ---------------------------------------------------------
+
+    def _read_request(self, buf: bytearray) -> int | None:
+        while True:
+            try:
+                return os.readv(self.fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue  # ENOENT: the request was interrupted before we got it
+                if e.errno == errno.ENODEV:
+                    return None  # unmounted
+                raise
+
+    def _worker(self) -> None:
+        buf = bytearray(self._bufsize)
+        view = memoryview(buf)
+        handlers = self._handlers
+        unpack = wire.IN_HEADER.unpack_from
+        while True:
+            try:
+                n = self._read_request(buf)
+            except OSError as e:
+                log.error("reading /dev/fuse failed: %s", e)
+                return
+            if n is None:
+                return
+            _, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack(buf, 0)
+            handler = handlers.get(opcode)
+            if handler is None:
+                self._reply_error(unique, errno.ENOSYS)
+                continue
+            body = view[_HDR : n - extlen * 8]
+            try:
+                result = handler(nodeid, body, Context(uid, gid, pid))
+            except OSError as e:
+                self._reply_error(unique, e.errno or errno.EIO)
+                continue
+            except Exception:
+                log.exception("%s failed", Op(opcode).name)
+                self._reply_error(unique, errno.EIO)
+                continue
+            if result is NO_REPLY:
+                continue
+            if result is None:
+                self._reply(unique, ())
+            elif isinstance(result, bytes | memoryview | bytearray):
+                self._reply(unique, [result])
+            else:
+                self._reply(unique, result)
+
+    def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
+        size = _OUT.size + sum(len(p) for p in payload)
+        try:
+            os.writev(self.fd, [_OUT.pack(size, 0, unique), *payload])
+        except OSError as e:
+            # ENOENT: the request was interrupted and the kernel gave up on it.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("reply to request %d failed: %s", unique, e)
+
+    def _reply_error(self, unique: int, err: int) -> None:
+        try:
+            os.write(self.fd, _OUT.pack(_OUT.size, -err, unique))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("error reply to request %d failed: %s", unique, e)
+
+    # ---- decoding: one method per opcode ----------------------------------
+
+    def _entry(self, result: tuple[int, os.stat_result]) -> bytes:
+        nodeid, st = result
+        return wire.entry_out(nodeid, st, self.entry_timeout, self.attr_timeout)
+
+    def _lookup(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        (name,) = wire.split_names(body, 1)
+        return self._entry(self.ops.lookup(ctx, nodeid, name))
+
+    def _forget(self, nodeid: int, body: memoryview, ctx: Context) -> object:
+        (nlookup,) = wire.FORGET_IN.unpack_from(body)
+        self.ops.forget(nodeid, nlookup)
+        return NO_REPLY
+
+    def _batch_forget(self, nodeid: int, body: memoryview, ctx: Context) -> object:
+        count, _ = wire.BATCH_FORGET_IN.unpack_from(body)
+        base = wire.BATCH_FORGET_IN.size
+        for i in range(count):
+            node, nlookup = wire.FORGET_ONE.unpack_from(body, base + i * wire.FORGET_ONE.size)
+            self.ops.forget(node, nlookup)
+        return NO_REPLY
+
+    def _getattr(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        flags, _, fh = wire.GETATTR_IN.unpack_from(body)
+        st = self.ops.getattr(nodeid, fh if flags & wire.GETATTR_FH else None)
+        return wire.attr_out(st, self.attr_timeout)
+
+    def _setattr(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, uid, gid, _) = (
+            wire.SETATTR_IN.unpack_from(body)
+        )
+        req = SetattrRequest(
+            fh=fh if valid & wire.FATTR_FH else None,
+            mode=mode if valid & wire.FATTR_MODE else None,
+            uid=uid if valid & wire.FATTR_UID else None,
+            gid=gid if valid & wire.FATTR_GID else None,
+            size=size if valid & wire.FATTR_SIZE else None,
+            atime_ns=atime * 1_000_000_000 + atimens if valid & wire.FATTR_ATIME else None,
+            mtime_ns=mtime * 1_000_000_000 + mtimens if valid & wire.FATTR_MTIME else None,
+            atime_now=bool(valid & wire.FATTR_ATIME_NOW),
+            mtime_now=bool(valid & wire.FATTR_MTIME_NOW),
+        )
+        return wire.attr_out(self.ops.setattr(ctx, nodeid, req), self.attr_timeout)
+
+    def _readlink(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        return self.ops.readlink(nodeid)
+
+    def _symlink(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        name, target = wire.split_names(body, 2)
+        return self._entry(self.ops.symlink(ctx, nodeid, name, target))
+
+    def _mknod(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        mode, rdev, _umask, _ = wire.MKNOD_IN.unpack_from(body)
+        (name,) = wire.split_names(body[wire.MKNOD_IN.size :], 1)
+        return self._entry(self.ops.mknod(ctx, nodeid, name, mode, wire.decode_dev(rdev)))
+
+    def _mkdir(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        mode, _umask = wire.MKDIR_IN.unpack_from(body)
+        (name,) = wire.split_names(body[wire.MKDIR_IN.size :], 1)
+        return self._entry(self.ops.mkdir(ctx, nodeid, name, mode))
+
+    def _unlink(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        (name,) = wire.split_names(body, 1)
+        self.ops.unlink(ctx, nodeid, name)
+
+    def _rmdir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        (name,) = wire.split_names(body, 1)
+        self.ops.rmdir(ctx, nodeid, name)
+
+    def _rename(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        (newdir,) = wire.RENAME_IN.unpack_from(body)
+        old, new = wire.split_names(body[wire.RENAME_IN.size :], 2)
+        self.ops.rename(ctx, nodeid, old, newdir, new, 0)
+
+    def _rename2(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        newdir, flags, _ = wire.RENAME2_IN.unpack_from(body)
+        old, new = wire.split_names(body[wire.RENAME2_IN.size :], 2)
+        self.ops.rename(ctx, nodeid, old, newdir, new, flags)
+
+    def _link(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        (oldnode,) = wire.LINK_IN.unpack_from(body)
+        (name,) = wire.split_names(body[wire.LINK_IN.size :], 1)
+        return self._entry(self.ops.link(ctx, oldnode, nodeid, name))
+
+    def _open(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        flags, _ = wire.OPEN_IN.unpack_from(body)
+        fh, open_flags = self.ops.open(ctx, nodeid, flags)
+        return wire.OPEN_OUT.pack(fh, open_flags, 0)
+
+    def _create(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        flags, mode, _umask, _ = wire.CREATE_IN.unpack_from(body)
+        (name,) = wire.split_names(body[wire.CREATE_IN.size :], 1)
+        node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags)
+        return self._entry((node, st)) + wire.OPEN_OUT.pack(fh, open_flags, 0)
+
+    def _read(self, nodeid: int, body: memoryview, ctx: Context) -> object:
+        fh, offset, size, *_ = wire.READ_IN.unpack_from(body)
+        return self.ops.read(nodeid, fh, offset, size)
+
+    def _write(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        fh, offset, size, *_ = wire.WRITE_IN.unpack_from(body)
+        start = wire.WRITE_IN.size
+        written = self.ops.write(nodeid, fh, offset, body[start : start + size])
+        return wire.WRITE_OUT.pack(written, 0)
+
+    def _flush(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, *_ = wire.FLUSH_IN.unpack_from(body)
+        self.ops.flush(nodeid, fh)
+
+    def _release(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, *_ = wire.RELEASE_IN.unpack_from(body)
+        self.ops.release(nodeid, fh)
+
+    def _fsync(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, flags, _ = wire.FSYNC_IN.unpack_from(body)
+        self.ops.fsync(nodeid, fh, bool(flags & wire.FSYNC_FDATASYNC))
+
+    def _fallocate(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, offset, length, mode, _ = wire.FALLOCATE_IN.unpack_from(body)
+        self.ops.fallocate(nodeid, fh, offset, length, mode)
+
+    def _lseek(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        fh, offset, whence, _ = wire.LSEEK_IN.unpack_from(body)
+        return wire.LSEEK_OUT.pack(self.ops.lseek(nodeid, fh, offset, whence))
+
+    def _opendir(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        flags, _ = wire.OPEN_IN.unpack_from(body)
+        return wire.OPEN_OUT.pack(self.ops.opendir(ctx, nodeid, flags), 0, 0)
+
+    def _readdir(self, nodeid: int, body: memoryview, ctx: Context) -> list[bytes]:
+        fh, offset, size, *_ = wire.READ_IN.unpack_from(body)
+        out: list[bytes] = []
+        used = 0
+        for entry in self.ops.readdir(nodeid, fh, offset):
+            rec = wire.dirent(entry.ino, entry.next_offset, entry.dtype, entry.name)
+            if used + len(rec) > size:
+                break
+            out.append(rec)
+            used += len(rec)
+        return out
+
+    def _releasedir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, *_ = wire.RELEASE_IN.unpack_from(body)
+        self.ops.releasedir(nodeid, fh)
+
+    def _fsyncdir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        fh, flags, _ = wire.FSYNC_IN.unpack_from(body)
+        self.ops.fsyncdir(nodeid, fh, bool(flags & wire.FSYNC_FDATASYNC))
+
+    def _statfs(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        s = self.ops.statfs(nodeid)
+        return wire.KSTATFS.pack(
+            s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+            s.f_bsize, s.f_namemax, s.f_frsize, 0,
+        )  # fmt: skip
+
+    def _setxattr(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        size, flags = wire.SETXATTR_IN.unpack_from(body)
+        rest = body[wire.SETXATTR_IN.size :]
+        (name,) = wire.split_names(rest, 1)
+        start = len(name) + 1
+        self.ops.setxattr(nodeid, name, bytes(rest[start : start + size]), flags)
+
+    def _getxattr(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        size, _ = wire.GETXATTR_IN.unpack_from(body)
+        (name,) = wire.split_names(body[wire.GETXATTR_IN.size :], 1)
+        return self._sized(self.ops.getxattr(nodeid, name), size)
+
+    def _listxattr(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+        size, _ = wire.GETXATTR_IN.unpack_from(body)
+        names = self.ops.listxattr(nodeid)
+        return self._sized(b"".join(n + b"\0" for n in names), size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        # size 0 asks only for the length; a too-small buffer is ERANGE.
+        if size == 0:
+            return wire.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        return value
+
+    def _removexattr(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        (name,) = wire.split_names(body, 1)
+        self.ops.removexattr(nodeid, name)
+
+    def _destroy(self, nodeid: int, body: memoryview, ctx: Context) -> None:
+        self.ops.destroy()

@@ -1,0 +1,141 @@
+"""LIRS (Jiang & Zhang, SIGMETRICS 2002): Low Inter-reference Recency Set.
+
+Resident keys are LIR (low inter-reference recency, the bulk of the cache) or HIR
+(resident share max(1, capacity // 100)). Stack S orders keys by recency and holds
+every LIR key, some resident HIR keys and some non-resident HIR keys (ghosts); its
+bottom is always a LIR key ("stack pruning"). Queue Q holds the resident HIR keys;
+misses evict its front. A HIR key hit while still in S has a reuse distance shorter
+than the oldest LIR key's, so it becomes LIR and the bottom LIR key is demoted to
+the end of Q.
+
+Bounded history: S holds at most 2 * capacity keys; beyond that the ghost nearest
+the bottom of S is dropped. Ghosts are appended to `_ghosts` in the order they are
+created, which is also their order in S (resident HIR keys in S enter Q exactly
+when they move to the top of S, and Q evicts in FIFO order), so "nearest the
+bottom" is simply the oldest entry of `_ghosts`: O(1).
+
+Deviations needed only for `discard` (and for capacity 1, where there is no LIR
+room): a key becomes LIR whenever the LIR set has room, and a demotion happens only
+when the LIR set is over its share. Without discards this is the paper's algorithm.
+
+discard(key) removes a resident key from S and Q and leaves no ghost; for a
+non-resident key it is a no-op (its ghost entry, if any, is kept).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+
+from memlend.policies import register
+from memlend.policies.base import Policy
+
+_LIR, _HIR = 0, 1
+
+
+@register
+class LIRS(Policy):
+    name = "lirs"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.hir_capacity = max(1, capacity // 100)
+        self.lir_capacity = capacity - self.hir_capacity
+        self.stack_limit = 2 * capacity
+        self._status: dict[Hashable, int] = {}  # resident key -> _LIR or _HIR
+        self._nlir = 0
+        # OrderedDicts: S from bottom to top, Q from front (next victim) to end.
+        self._s: OrderedDict[Hashable, None] = OrderedDict()
+        self._q: OrderedDict[Hashable, None] = OrderedDict()
+        self._ghosts: OrderedDict[Hashable, None] = OrderedDict()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._status
+
+    def __len__(self) -> int:
+        return len(self._status)
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(self._status)
+
+    def ghosts(self) -> int:
+        return len(self._ghosts)
+
+    def _prune(self) -> None:
+        # Drop HIR keys from the bottom of S until a LIR key is there.
+        s, status = self._s, self._status
+        while s:
+            key = next(iter(s))
+            st = status.get(key)
+            if st == _LIR:
+                return
+            del s[key]
+            if st is None:
+                del self._ghosts[key]
+
+    def _bound(self) -> None:
+        s, ghosts = self._s, self._ghosts
+        while len(s) > self.stack_limit:
+            del s[ghosts.popitem(last=False)[0]]
+
+    def _make_lir(self, key: Hashable) -> None:
+        # `key` is already at the top of S.
+        self._status[key] = _LIR
+        self._nlir += 1
+        if self._nlir > self.lir_capacity:
+            bottom = next(iter(self._s))
+            del self._s[bottom]
+            self._status[bottom] = _HIR
+            self._nlir -= 1
+            self._q[bottom] = None
+            self._prune()
+
+    def touch(self, key: Hashable) -> None:
+        s = self._s
+        if self._status[key] == _LIR:
+            s.move_to_end(key)
+            self._prune()  # only does work if `key` was the bottom
+        elif key in s:
+            s.move_to_end(key)
+            del self._q[key]
+            self._make_lir(key)
+        else:
+            s[key] = None
+            self._q.move_to_end(key)
+            self._bound()
+
+    def admit(self, key: Hashable) -> list[Hashable]:
+        s, status = self._s, self._status
+        evicted = []
+        if len(status) >= self.capacity:
+            victim = self._q.popitem(last=False)[0]
+            del status[victim]
+            if victim in s:
+                self._ghosts[victim] = None
+            evicted.append(victim)
+        if key in s:  # a ghost: its reuse distance beats the oldest LIR key's
+            del self._ghosts[key]
+            s.move_to_end(key)
+            self._make_lir(key)
+        elif self._nlir < self.lir_capacity:
+            s[key] = None
+            status[key] = _LIR
+            self._nlir += 1
+        else:
+            s[key] = None
+            status[key] = _HIR
+            self._q[key] = None
+        self._prune()
+        self._bound()
+        return evicted
+
+    def discard(self, key: Hashable) -> None:
+        st = self._status.pop(key, None)
+        if st is None:
+            return
+        if st == _LIR:
+            self._nlir -= 1
+        else:
+            del self._q[key]
+        self._s.pop(key, None)
+        self._prune()

@@ -1,0 +1,45 @@
+"""Human-readable tables of a mount's counters (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def stats_table(stats: dict, console: Console | None = None) -> None:
+    """Print a mount's counters as a two-column table."""
+    console = console or Console()
+    hits, misses = stats["local_hits"], stats["local_misses"]
+    ratio = hits / (hits + misses) if hits + misses else 0.0
+    t = Table(title=f"memlend {stats['mountpoint']} (pid {stats['pid']})", show_header=False)
+    t.add_column("counter", style="bold")
+    t.add_column("value", justify="right")
+    rows = [
+        ("backing", stats["backing"]),
+        ("policy", stats["policy"]),
+        ("cache size", human_bytes(stats["cache_size"])),
+        ("block size", human_bytes(stats["block_size"])),
+        ("resident blocks", f"{stats['resident_blocks']} of {stats['slots']}"),
+        ("local hits", f"{hits}"),
+        ("local misses", f"{misses}"),
+        ("hit ratio", f"{ratio:.1%}"),
+        ("disk reads", f"{stats['disk_reads']}"),
+        ("bytes read from disk", human_bytes(stats["disk_read_bytes"])),
+        ("evictions", f"{stats['evictions']}"),
+        ("blocks invalidated", f"{stats['invalidated_blocks']}"),
+        ("writes", f"{stats['writes']} ({human_bytes(stats['write_bytes'])})"),
+        ("remote hits / misses", f"{stats['remote_hits']} / {stats['remote_misses']}"),
+        ("O_DIRECT backing reads", "yes" if stats["direct_io"] else "no"),
+        ("shared mmap allowed", "yes" if stats["mmap_allowed"] else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    console.print(t)
