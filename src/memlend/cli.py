@@ -85,7 +85,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"replacement policy (default {DEFAULT_POLICY}; `memlend sim --help` lists them)",
     )
-    p.add_argument("--threads", type=int, default=4, help="FUSE worker threads (default 4)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=16,
+        help="FUSE worker threads: concurrent requests (default 16)",
+    )
     p.add_argument(
         "--attr-timeout",
         type=float,
@@ -98,6 +103,8 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # Forces the fallback for backing stores that refuse O_DIRECT (tests use it).
+    p.add_argument("--buffered-backing", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
 
@@ -112,14 +119,18 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         policy=args.policy,
         threads=args.threads,
         attr_timeout=args.attr_timeout,
+        direct_io=not args.buffered_backing,
     )
     return check_config(cfg)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from memlend.fs.daemon import serve
+    from memlend.fs.daemon import mount_warnings, serve
 
-    _mount_config(args)  # refuse bad input here, before any daemon exists
+    cfg = _mount_config(args)  # refuse bad input here, before any daemon exists
+    if args.ready_fd is None:
+        for warning in mount_warnings(cfg):
+            print(f"memlend: warning: {warning}", file=sys.stderr)
     if args.foreground or args.ready_fd is not None:
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.INFO,
@@ -159,6 +170,7 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     cmd += ["--policy", args.policy, "--threads", str(args.threads)]
     cmd += ["--attr-timeout", str(args.attr_timeout), "--log-file", log_file]
     cmd += ["--ready-fd", str(w)] + (["--debug"] if args.debug else [])
+    cmd += ["--buffered-backing"] if args.buffered_backing else []
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=devnull, stdout=log, stderr=log, pass_fds=[w], start_new_session=True

@@ -38,9 +38,54 @@ class MountConfig:
     cache_size: int
     block_size: int
     policy: str
-    threads: int = 4
+    threads: int = 16
     attr_timeout: float = 1.0
     direct_io: bool = True
+
+
+def backing_fs_type(path: str) -> str:
+    """The file-system type of the mount holding `path` (longest mountinfo prefix)."""
+    best, fstype = "", "unknown"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            sep = fields.index("-")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fields[sep + 1]
+    return fstype
+
+
+def probe_direct_io(backing: str) -> bool | None:
+    """Does the backing file system accept O_DIRECT? None if it cannot be told."""
+    try:
+        fd = os.open(backing, os.O_TMPFILE | os.O_RDWR, 0o600)  # unnamed: leaves no trace
+    except OSError:
+        return None
+    try:
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError as e:
+        return False if e.errno == errno.EINVAL else None
+    finally:
+        os.close(fd)
+
+
+def mount_warnings(cfg: MountConfig) -> list[str]:
+    """Things the user should know about this backing store; sets cfg.direct_io."""
+    warnings = []
+    if cfg.direct_io and probe_direct_io(cfg.backing) is False:
+        cfg.direct_io = False
+        warnings.append(
+            f"{cfg.backing} refuses O_DIRECT: memlend reads it buffered and drops those "
+            "pages from the page cache after each read"
+        )
+    if backing_fs_type(cfg.backing) in ("tmpfs", "ramfs"):
+        warnings.append(
+            f"{cfg.backing} is in memory already ({backing_fs_type(cfg.backing)}): "
+            "memlend's cache only duplicates it"
+        )
+    return warnings
 
 
 def check_config(cfg: MountConfig) -> MountConfig:
@@ -108,6 +153,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     except UserError as e:
         ready(str(e))
         return 2
+    for warning in mount_warnings(cfg):
+        log.warning("%s", warning)
     os.umask(0)  # the kernel applied the caller's umask already
     _raise_fd_limit()
     stats = MountStats(

@@ -37,9 +37,7 @@ log = logging.getLogger("memlend.fs")
 
 STATS_XATTR = b"user.memlend.stats"
 # Flags that make no sense (or harm) when reopening the backing inode.
-_REOPEN_MASK = ~(
-    os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT
-)
+_REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT)
 _BIG_RANGE = 1 << 16  # above this many blocks, re-key a file instead of dropping one by one
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -306,7 +304,9 @@ class Passthrough(Operations):
         except OSError:
             pass
 
-    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> tuple[int, os.stat_result]:
+    def mkdir(
+        self, ctx: Context, parent: int, name: bytes, mode: int
+    ) -> tuple[int, os.stat_result]:
         p = self._inode(parent)
         os.mkdir(name, mode, dir_fd=p.fd)
         try:
@@ -348,13 +348,26 @@ class Passthrough(Operations):
         self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
     ) -> tuple[int, os.stat_result, int, int]:
         p = self._inode(parent)
-        fd = os.open(name, (flags | os.O_CREAT) & ~(os.O_DIRECT | os.O_NOCTTY), mode, dir_fd=p.fd)
+        flags &= ~(os.O_DIRECT | os.O_NOCTTY)
         try:
-            nodeid, st = self._created(ctx, p, name, mode)
-        except OSError:
-            os.close(fd)
-            self._undo_create(p, name, False)
-            raise
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=p.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Created behind the kernel's back meanwhile: open it, it is not ours to chown.
+            fd = os.open(name, flags & ~os.O_CREAT, dir_fd=p.fd)
+            try:
+                nodeid, st = self._lookup_at(p, name)
+            except OSError:
+                os.close(fd)
+                raise
+        else:
+            try:
+                nodeid, st = self._created(ctx, p, name, mode)
+            except OSError:
+                os.close(fd)
+                self._undo_create(p, name, False)
+                raise
         fh, open_flags = self._new_handle(fd, self._inodes[nodeid], st, flags, nodeid)
         return nodeid, st, fh, open_flags
 
@@ -472,10 +485,8 @@ class Passthrough(Operations):
             raise OSError(errno.EBADF, "bad directory handle")
         if offset == 0:  # (re)start: take a snapshot, offsets index into it
             st = os.fstat(d.fd)
-            names: list[tuple[bytes, int, int]] = [
-                (b".", st.st_ino, 4),
-                (b"..", 0, 4),
-            ]
+            up = os.stat(b"..", dir_fd=d.fd, follow_symlinks=False)
+            names: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", up.st_ino, 4)]
             with os.scandir(d.fd) as it:
                 for e in it:
                     names.append((os.fsencode(e.name), e.inode(), _dtype(e)))

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from memlend.fs.passthrough import FileState
 
 log = logging.getLogger("memlend.fs")
+_BIG_READ = 256 * 1024
 
 
 class ReadPath:
@@ -60,6 +61,7 @@ class ReadPath:
             # mmap: page aligned, so slices at block offsets suit O_DIRECT.
             self._local.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buf = self._local.buf = memoryview(self._local.map)
+            self._local.big = False
         return buf
 
     def read(
@@ -71,6 +73,11 @@ class ReadPath:
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
         out = self._buffer()
+        local = self._local
+        if local.big and size <= _BIG_READ:
+            # The last reply was big; it is sent by now: hand its pages back.
+            local.map.madvise(mmap.MADV_DONTNEED)
+        local.big = size > _BIG_READ
         with cache.lock:
             version = state.version
             base = state.file_id << FILE_SHIFT

@@ -84,7 +84,9 @@ class Operations:
     ) -> tuple[int, os.stat_result]:
         raise _nosys()
 
-    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> tuple[int, os.stat_result]:
+    def mkdir(
+        self, ctx: Context, parent: int, name: bytes, mode: int
+    ) -> tuple[int, os.stat_result]:
         raise _nosys()
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:

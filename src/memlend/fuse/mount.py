@@ -64,7 +64,9 @@ def _mount_as_root(
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise MountError(f"cannot open /dev/fuse: {e.strerror} (is the fuse module loaded?)") from None
+        raise MountError(
+            f"cannot open /dev/fuse: {e.strerror} (is the fuse module loaded?)"
+        ) from None
     data = ",".join(
         [
             f"fd={fd}",

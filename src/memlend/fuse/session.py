@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ Payload = Sequence[bytes | memoryview] | bytes | None
 NO_REPLY = object()  # FORGET and INTERRUPT must not be answered
 
 _HDR = wire.IN_HEADER.size
+_BIG_REQUEST = 256 * 1024
 _OUT = wire.OUT_HEADER
 
 
@@ -37,7 +39,7 @@ class Session:
         fd: int,
         ops: Operations,
         *,
-        threads: int = 4,
+        threads: int = 16,
         max_write: int = 1 << 20,
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
@@ -174,7 +176,9 @@ class Session:
                 raise
 
     def _worker(self) -> None:
-        buf = bytearray(self._bufsize)
+        # mmap, not bytearray: pages are only taken when a request needs them, and
+        # given back after a big one, so idle workers cost (almost) no memory.
+        buf = mmap.mmap(-1, self._bufsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = memoryview(buf)
         handlers = self._handlers
         unpack = wire.IN_HEADER.unpack_from
@@ -201,14 +205,14 @@ class Session:
                 log.exception("%s failed", Op(opcode).name)
                 self._reply_error(unique, errno.EIO)
                 continue
-            if result is NO_REPLY:
-                continue
             if result is None:
                 self._reply(unique, ())
             elif isinstance(result, bytes | memoryview | bytearray):
                 self._reply(unique, [result])
-            else:
+            elif result is not NO_REPLY:
                 self._reply(unique, result)
+            if n > _BIG_REQUEST:
+                buf.madvise(mmap.MADV_DONTNEED)  # request done: give its pages back
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
         size = _OUT.size + sum(len(p) for p in payload)
