@@ -22,8 +22,8 @@ from memlend.errors import UserError
 from memlend.sizes import parse_size
 
 DEFAULT_CACHE = "256M"
-DEFAULT_BLOCK = "64K"
-DEFAULT_POLICY = "s3fifo"
+DEFAULT_BLOCK = "16K"  # docs/benchmarks.md: block size
+DEFAULT_POLICY = "lirs"  # docs/policies.md
 
 
 def _size(text: str) -> int:
@@ -218,7 +218,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f"{args.mountpoint} is busy: files are open there (close them, or use --lazy)"
             ) from None
         raise
-    deadline = time.monotonic() + 30
+    # After a lazy unmount the daemon serves the files still open and ends at their
+    # last close, which may be much later: do not wait for that.
+    deadline = time.monotonic() + (2 if args.lazy else 30)
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -287,18 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_stats)
 
-    try:  # TEMP until sim.py lands
-        from memlend import sim
-    except ImportError:
-        sim = None
+    from memlend import sim
+    from memlend.lender import cli as lender_cli
+
+    p = sub.add_parser("genkey", help="write a new random secret file (for lenders and mounts)")
+    lender_cli.add_genkey_arguments(p)
+    p.set_defaults(func=lender_cli.run_genkey)
+
+    p = sub.add_parser("lend", help="lend this machine's spare memory to memlend mounts")
+    lender_cli.add_lend_arguments(p, default_policy=DEFAULT_POLICY)
+    p.set_defaults(func=lender_cli.run_lend)
+
     p = sub.add_parser(
         "sim",
         help="replay block traces through the cache policies",
         description="Replay block traces through the very policy code the mount uses "
         "and print miss ratios.",
     )
-    if sim:
-        sim.add_arguments(p)
+    sim.add_arguments(p)
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser(

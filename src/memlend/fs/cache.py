@@ -16,24 +16,23 @@ import threading
 from array import array
 
 from memlend.arena import Arena
-from memlend.policies import make_policy
+from memlend.policies import bookkeeping_bytes, make_policy
 from memlend.stats import MountStats
 
 FILE_SHIFT = 40  # block numbers below 2**40: files up to 4 PiB at 4 KiB blocks
 BLOCK_MASK = (1 << FILE_SHIFT) - 1
-# Measured Python heap per resident block (index + policy + ghosts), rounded up:
-# see docs/design-choices.md ("bookkeeping per block").
-META_BYTES_PER_BLOCK = 400
+# Index entry and slot length per block, on top of the policy's own bookkeeping.
+INDEX_BYTES = 128
 
 
-def slots_for(cache_size: int, block_size: int) -> int:
+def slots_for(cache_size: int, block_size: int, policy: str) -> int:
     """How many blocks fit in `cache_size` bytes, bookkeeping included."""
-    return cache_size // (block_size + META_BYTES_PER_BLOCK)
+    return cache_size // (block_size + INDEX_BYTES + bookkeeping_bytes(policy))
 
 
 class BlockCache:
     def __init__(self, cache_size: int, block_size: int, policy: str, stats: MountStats) -> None:
-        nslots = slots_for(cache_size, block_size)
+        nslots = slots_for(cache_size, block_size, policy)
         if nslots < 1:
             raise ValueError(f"cache size {cache_size} holds no block of {block_size} bytes")
         self.block_size = block_size

@@ -112,7 +112,7 @@ def check_config(cfg: MountConfig) -> MountConfig:
     bs = cfg.block_size
     if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
         raise UserError(f"block size {bs} must be a power of two from 4K to 1M")
-    if slots_for(cfg.cache_size, bs) < 16:
+    if slots_for(cfg.cache_size, bs, cfg.policy) < 16:
         raise UserError(
             f"cache size {cfg.cache_size} is too small for block size {bs} (needs 16 blocks)"
         )
@@ -131,7 +131,8 @@ def _raise_fd_limit() -> None:
 
 
 class _Notifier:
-    """Sends kernel invalidations from a thread of its own, never from a handler."""
+    """Sends kernel invalidations of pages from a thread of its own, never from a
+    handler (dropping pages may wait for a request to be served)."""
 
     def __init__(self, session: Session) -> None:
         self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -139,6 +140,10 @@ class _Notifier:
         threading.Thread(target=self._run, name="notify", daemon=True).start()
 
     def __call__(self, nodeid: int) -> None:
+        # Attributes at once, before the open that found the change is answered, or a
+        # stat right after it may show the old size. Dropping attributes only touches
+        # no page and waits for nothing, so a handler may do it.
+        self._session.notify_inval_inode(nodeid, offset=-1)
         self._q.put(nodeid)
 
     def _run(self) -> None:
@@ -169,13 +174,6 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     )
     cache = BlockCache(cfg.cache_size, cfg.block_size, cfg.policy, stats)
     fs = Passthrough(cfg.backing, cache, stats, direct_io=cfg.direct_io)
-    try:
-        fd = mount(cfg.mountpoint, f"memlend:{cfg.backing}", max_read=1 << 20)
-    except MountError as e:
-        ready(str(e))
-        return 1
-    session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
-                      entry_timeout=cfg.attr_timeout)  # fmt: skip
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -185,14 +183,23 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         log.info("signal %d: unmounting %s", signum, cfg.mountpoint)
         threading.Thread(target=_unmount_quietly, args=(cfg.mountpoint,), daemon=True).start()
 
+    # Handlers before mount(2): a signal during the handshake must unmount, not kill us
+    # and leave a dead mount behind (the handshake then ends with ENODEV).
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        fd = mount(cfg.mountpoint, f"memlend:{cfg.backing}", max_read=1 << 20)
+    except MountError as e:
+        ready(str(e))
+        return 1
+    session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
+                      entry_timeout=cfg.attr_timeout)  # fmt: skip
     try:
         session.handshake()
         stats.mmap_allowed = session.mmap_allowed
         fs.on_outside_change = _Notifier(session)
         session.start()
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log.info(
             "mounted %s on %s: cache %d blocks of %d bytes, policy %s%s",
             cfg.backing, cfg.mountpoint, cache.slots, cfg.block_size, cfg.policy,

@@ -67,9 +67,11 @@ class ReadPath:
     def read(
         self, fd: int, state: FileState, offset: int, size: int, buffered: bool = False
     ) -> list[memoryview]:
+        # Nothing is read, nor counted as a miss, past the end of file as last seen
+        # (at open, getattr, or our own write): readers probe it on every file.
+        size = min(size, self.max_request, state.size - offset)
         if size <= 0:
             return []
-        size = min(size, self.max_request)
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
         out = self._buffer()

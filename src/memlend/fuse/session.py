@@ -153,9 +153,10 @@ class Session:
             t.join(timeout)
         return not any(t.is_alive() for t in self._workers)
 
-    def notify_inval_inode(self, nodeid: int) -> None:
-        """Tell the kernel to drop its cached attributes (and pages) of `nodeid`."""
-        body = wire.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0)
+    def notify_inval_inode(self, nodeid: int, offset: int = 0) -> None:
+        """Tell the kernel to drop its cached attributes of `nodeid`, and its cached
+        pages from `offset` on (none if `offset` is negative)."""
+        body = wire.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)
         try:
             os.writev(self.fd, [_OUT.pack(_OUT.size + len(body), wire.NOTIFY_INVAL_INODE, 0), body])
         except OSError as e:  # ENOENT: the kernel no longer knows it; fine

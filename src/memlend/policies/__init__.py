@@ -13,6 +13,19 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
+# Python heap per resident key (policy entries + ghost history), the worst of three
+# access patterns measured by `python -m memlend.bench.bookkeeping` together with
+# the local tier's index (lru 457, 2q 358, arc 443, s3fifo 759, sieve 427, lirs 1152
+# bytes per block in all), plus a margin. Used to size caches so that a memory
+# budget covers bookkeeping too, not just data.
+_BOOKKEEPING = {"lru": 512, "sieve": 512, "arc": 640, "2q": 640, "s3fifo": 960, "lirs": 1408}
+
+
+def bookkeeping_bytes(name: str) -> int:
+    """Upper estimate of the heap policy `name` uses per resident key."""
+    return _BOOKKEEPING.get(name, 1536)
+
+
 def make_policy(name: str, capacity: int) -> Policy:
     """Build policy `name` with `capacity` resident keys; ValueError if unknown."""
     try:
@@ -24,5 +37,4 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 # Import for their registration side effect.
-from memlend.policies import lru  # noqa: E402,F401
-from memlend.policies import arc, lirs, s3fifo, sieve, twoq  # noqa: E402,F401
+from memlend.policies import arc, lirs, lru, s3fifo, sieve, twoq  # noqa: E402,F401

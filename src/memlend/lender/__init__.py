@@ -1,0 +1,1 @@
+"""The lender daemon: block store, host-memory watcher, network loop."""

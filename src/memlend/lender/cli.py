@@ -1,0 +1,234 @@
+"""Command-line glue for `memlend lend` and `memlend genkey`.
+
+memlend.cli wires these in (add_*_arguments / run_*); `python -m memlend.lender`
+runs the lender alone. Bad input raises UserError (one line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+from memlend.errors import UserError
+from memlend.sizes import parse_size
+
+DEFAULT_POLICY = "s3fifo"  # memlend.cli.DEFAULT_POLICY; cli passes its own to be sure
+DEFAULT_BLOCK = "64K"
+
+
+def add_genkey_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write a new random secret (32 bytes, as 64 hex digits) to FILE with mode 0600. "
+        "Give the same file to `memlend lend --secret-file` and to the mounts that use "
+        "that lender; give mounts a second, separate one as --seal-key-file so the "
+        "lender cannot read what it stores."
+    )
+    parser.add_argument("file", metavar="FILE", help="where to write the secret")
+    parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+
+
+def run_genkey(args: argparse.Namespace) -> int:
+    from memlend.remote.secret import write_secret
+
+    write_secret(args.file, force=args.force)
+    print(f"wrote a new secret to {args.file} (mode 0600)")
+    return 0
+
+
+def add_lend_arguments(
+    parser: argparse.ArgumentParser, default_policy: str = DEFAULT_POLICY
+) -> None:
+    parser.description = (
+        "Lend this machine's spare memory to memlend mounts elsewhere. Stores clean, "
+        "sealed blocks for authenticated clients, at most --memory of them (a hard limit, "
+        "bookkeeping included), and gives memory back to this host within a second when "
+        "its available memory falls below --reserve."
+    )
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve")
+    parser.add_argument("--memory", required=True, metavar="SIZE", help="memory to lend, e.g. 2G")
+    parser.add_argument(
+        "--secret-file", required=True, metavar="PATH", help="shared secret (memlend genkey)"
+    )
+    parser.add_argument(
+        "--reserve",
+        metavar="SIZE",
+        help="keep at least this much of the host's memory available "
+        "(default 10%% of the host's memory, between 64M and 1G)",
+    )
+    parser.add_argument(
+        "--block-size",
+        default=DEFAULT_BLOCK,
+        metavar="SIZE",
+        help=f"slot size, a power of two from 4K to 1M; use the mounts' block size "
+        f"(default {DEFAULT_BLOCK})",
+    )
+    parser.add_argument(
+        "--policy",
+        default=default_policy,
+        metavar="NAME",
+        help=f"replacement policy (default {default_policy})",
+    )
+    parser.add_argument(
+        "--client-quota",
+        metavar="SIZE",
+        help="most memory one client may hold (default: an equal share of --memory among "
+        "the clients holding data)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close connections idle this long (default 300)",
+    )
+    parser.add_argument("--max-connections", type=int, default=64, metavar="N", help="default 64")
+    parser.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=50,
+        metavar="US",
+        help="after a request, poll this long before sleeping (default 50; 0 disables)",
+    )
+    parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="log here (default: stderr in the foreground, /run/memlend/lend-PORT.log otherwise)",
+    )
+    parser.add_argument("--debug", action="store_true", help="verbose logging")
+    # Tests fake the host's available memory with a file holding a byte count.
+    parser.add_argument("--memory-source-file", help=argparse.SUPPRESS)
+    parser.add_argument("--watch-interval", type=float, default=0.2, help=argparse.SUPPRESS)
+
+
+def _bind(listen: str) -> socket.socket:
+    from memlend.remote.client import parse_address
+
+    try:
+        host, port = parse_address(listen)
+    except ValueError as e:
+        raise UserError(f"--listen: {e}") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--listen: cannot resolve {host!r}: {e.strerror}") from None
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--listen {listen}: {e.strerror}") from None
+    return sock
+
+
+def _size_arg(name: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+
+
+def run_lend(args: argparse.Namespace) -> int:
+    from memlend.lender import server as srv
+    from memlend.lender import watcher as w
+    from memlend.lender.store import Store
+    from memlend.policies import POLICIES
+    from memlend.remote.secret import auth_key, load_secret
+
+    memory = _size_arg("--memory", args.memory)
+    block = _size_arg("--block-size", args.block_size)
+    if block < 4096 or block > 1 << 20 or block & (block - 1):
+        raise UserError(f"--block-size {args.block_size}: must be a power of two from 4K to 1M")
+    if args.policy not in POLICIES:
+        raise UserError(f"unknown policy {args.policy!r} (known: {', '.join(sorted(POLICIES))})")
+    quota = _size_arg("--client-quota", args.client_quota) if args.client_quota else None
+    for name, value in (
+        ("--idle-timeout", args.idle_timeout),
+        ("--max-connections", args.max_connections),
+    ):
+        if value <= 0:
+            raise UserError(f"{name} must be positive")
+    if args.busy_poll_us < 0:
+        raise UserError("--busy-poll-us must be 0 or more")
+    secret = load_secret(args.secret_file)
+    reserve = (
+        _size_arg("--reserve", args.reserve) if args.reserve else w.default_reserve(w.host_limit())
+    )
+    try:
+        store = Store(memory, block, args.policy, quota)
+    except ValueError as e:
+        raise UserError(f"--memory {args.memory}: {e}") from None
+    sock = _bind(args.listen)
+    host, port = sock.getsockname()[:2]
+
+    if not args.foreground:
+        log_file = args.log_file or _default_log(port)
+        pid = os.fork()
+        if pid:
+            print(f"memlend lend: listening on {host}:{port} (pid {pid}, log {log_file})")
+            return 0
+        os.setsid()
+        _redirect(log_file, daemon=True)
+    elif args.log_file:
+        _redirect(args.log_file, daemon=False)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    source = (
+        w.file_source(args.memory_source_file) if args.memory_source_file else w.system_source()
+    )
+    cfg = srv.ServerConfig(
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        busy_poll_us=args.busy_poll_us,
+        watch_interval=args.watch_interval,
+    )
+    server = srv.LenderServer(sock, store, auth_key(secret), cfg, w.Watcher(store, source, reserve))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    logging.getLogger("memlend.lender").info(
+        "lending %d MiB (%d slots of %d KiB) on %s:%d, reserve %d MiB, policy %s",
+        memory >> 20,
+        store.slots,
+        block >> 10,
+        host,
+        port,
+        reserve >> 20,
+        args.policy,
+    )
+    if args.foreground:
+        print(f"memlend lend: listening on {host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        store.close()
+    return 0
+
+
+def _default_log(port: int) -> str:
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    d = os.path.join(base, "memlend")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return os.path.join(d, f"lend-{port}.log")
+
+
+def _redirect(log_file: str, *, daemon: bool) -> None:
+    """stderr (and, for a daemon, stdin/stdout) to the log file."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    if daemon:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.close(null)
+    os.close(fd)

@@ -1,0 +1,257 @@
+"""The lender's block store: sealed blobs in an Arena, per-client namespaces.
+
+Memory model (the hard cap, invariant 3). Every stored blob takes exactly one
+arena slot; the few bytes a sealed block has beyond the slot size (the 29-byte
+seal overhead, at most TAIL_MAX) live in the index next to the slot number. The
+index and the policy cost Python objects per entry, so the number of slots is
+chosen so that slots * (slot_size + bookkeeping) <= memory: the bookkeeping is
+inside the cap, not on top of it.
+
+Replacement. One global policy (memlend.policies) ranks all entries as
+(namespace, key); when every slot is taken, admit() picks the victim. Fairness:
+a client holding more than its share -- the smaller of --client-quota and an
+equal split of the slots among the namespaces holding data -- replaces its own
+oldest entries instead, so no client can take all the memory from the others.
+Each namespace's index is a dict in insertion order, which doubles as that FIFO.
+
+Giving memory back. `set_allowed()` lowers the number of slots that may be
+used; entries beyond it are dropped, oldest first from the largest namespaces
+(fast and fair matters more than victim quality when the host needs its memory),
+and their pages are returned to the kernel with MADV_DONTNEED, as are free slots
+that were touched before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from memlend.arena import Arena
+from memlend.policies import bookkeeping_bytes, make_policy
+
+TAIL_MAX = 64
+# Namespace entry per block: key bytes, (slot, length, tail) tuple, dict entry, tail
+# bytes; the policy's own share comes from policies.bookkeeping_bytes.
+# tests/test_lender_process.py checks the resulting RSS bound.
+ENTRY_BYTES = 512
+# Per-slot bookkeeping with the Store's default policy (tests size stores with it).
+META_PER_SLOT = ENTRY_BYTES + bookkeeping_bytes("s3fifo")
+
+
+def memory_for(slots: int, slot_size: int, policy: str = "s3fifo") -> int:
+    """The --memory that gives exactly `slots` slots of `slot_size` with `policy`."""
+    return slots * (slot_size + ENTRY_BYTES + bookkeeping_bytes(policy))
+
+
+@dataclass
+class Namespace:
+    client_id: bytes
+    index: int
+    # key -> (slot, length, tail); insertion order = FIFO for quota evictions
+    entries: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(
+        self,
+        memory: int,
+        slot_size: int = 64 << 10,
+        policy: str = "s3fifo",
+        client_quota: int | None = None,
+        max_namespaces: int = 256,
+    ) -> None:
+        self.slot_size = slot_size
+        self.slots = memory // (slot_size + ENTRY_BYTES + bookkeeping_bytes(policy))
+        if self.slots < 1:
+            raise ValueError(f"{memory} bytes of memory cannot hold one {slot_size}-byte slot")
+        self.memory = memory
+        self.max_value = slot_size + TAIL_MAX
+        self.arena = Arena(self.slots, slot_size)
+        self.policy = make_policy(policy, self.slots)
+        self.quota_slots = self.slots if client_quota is None else max(1, client_quota // slot_size)
+        self.max_namespaces = max_namespaces
+        self.allowed = self.slots  # lowered by the memory watcher
+        self.used = 0
+        self._ns: dict[bytes, Namespace] = {}
+        self._by_index: dict[int, Namespace] = {}
+        self._next_index = 0
+        self._dirty_free: set[int] = set()  # free slots whose pages may be resident
+        self.hits = self.misses = self.puts = self.refused = self.evictions = 0
+        self.given_back = 0  # bytes returned to the kernel under memory pressure
+
+    # ---- namespaces -----------------------------------------------------------
+
+    def namespace(self, client_id: bytes) -> Namespace | None:
+        """The namespace of `client_id`, created if needed; None if the table is full."""
+        ns = self._ns.get(client_id)
+        if ns is not None:
+            return ns
+        if len(self._ns) >= self.max_namespaces:
+            for cid in [c for c, n in self._ns.items() if not n.entries]:
+                del self._by_index[self._ns.pop(cid).index]
+            if len(self._ns) >= self.max_namespaces:
+                return None
+        ns = Namespace(client_id, self._next_index)
+        self._next_index += 1
+        self._ns[client_id] = ns
+        self._by_index[ns.index] = ns
+        return ns
+
+    def _share(self, ns: Namespace) -> int:
+        holders = sum(1 for n in self._ns.values() if n.entries or n is ns)
+        return min(self.quota_slots, max(1, self.slots // max(1, holders)))
+
+    # ---- data path ------------------------------------------------------------
+
+    def get(self, ns: Namespace, key: bytes) -> bytes | memoryview | None:
+        e = ns.entries.get(key)
+        if e is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.policy.touch((ns.index, key))
+        slot, length, tail = e
+        view = self.arena.slot(slot)
+        if tail:
+            return bytes(view) + tail
+        return view[:length]
+
+    def put(self, ns: Namespace, key: bytes, value: bytes | memoryview) -> bool:
+        """Store `value` under `key`; False if it was not stored (too big, no memory)."""
+        n = len(value)
+        if n > self.max_value:
+            self.refused += 1
+            return False
+        self.puts += 1
+        old = ns.entries.get(key)
+        if old is not None:
+            slot: int | None = old[0]
+            self.policy.touch((ns.index, key))
+        else:
+            share = self._share(ns)
+            if share < self.slots and len(ns.entries) >= share:
+                # At its share: the client replaces its own oldest entry.
+                slot = self._drop(ns, next(iter(ns.entries)), release=False)
+                self.evictions += 1
+            elif self.used < self.allowed:
+                slot = self.arena.alloc()
+                assert slot is not None  # used < allowed <= slots
+                self._dirty_free.discard(slot)
+                self.used += 1
+            elif self.allowed < self.slots:
+                self.refused += 1  # the host wants its memory back: store nothing new
+                return False
+            else:
+                slot = None  # full: the policy's victim hands over its slot
+            ns.entries[key] = (-1, 0, b"")
+            for victim in self.policy.admit((ns.index, key)):
+                s = self._evict(victim, keep_slot=slot is None)
+                if slot is None:
+                    slot = s
+            if slot is None:  # pragma: no cover - a full policy always evicts
+                del ns.entries[key]
+                self.policy.discard((ns.index, key))
+                self.refused += 1
+                return False
+        body = min(n, self.slot_size)
+        self.arena.slot(slot)[:body] = value[:body]
+        ns.entries[key] = (slot, n, bytes(value[body:]))
+        return True
+
+    def _evict(self, victim: Hashable, keep_slot: bool = False) -> int | None:
+        idx, key = victim  # type: ignore[misc]
+        ns = self._by_index[idx]
+        self.evictions += 1
+        return self._drop(ns, key, release=False, keep_slot=keep_slot, in_policy=False)
+
+    def _drop(
+        self,
+        ns: Namespace,
+        key: bytes,
+        *,
+        release: bool,
+        keep_slot: bool = True,
+        in_policy: bool = True,
+    ) -> int | None:
+        """Remove one entry. keep_slot: hand its slot to the caller (still counted used)."""
+        slot = ns.entries.pop(key)[0]
+        if in_policy:
+            self.policy.discard((ns.index, key))
+        if keep_slot and not release:
+            return slot
+        self.used -= 1
+        if release:
+            self.arena.release(slot)
+            self.given_back += self.slot_size
+        else:
+            self.arena.free(slot)
+            self._dirty_free.add(slot)
+        return None
+
+    def invalidate(self, ns: Namespace, keys: Iterable[bytes]) -> int:
+        removed = 0
+        for k in keys:
+            if k in ns.entries:
+                self._drop(ns, k, release=True)
+                removed += 1
+        return removed
+
+    def invalidate_prefix(self, ns: Namespace, prefix: bytes) -> int:
+        # A scan of the namespace: prefix invalidation (a whole file) is rare.
+        return self.invalidate(ns, [k for k in ns.entries if k.startswith(prefix)])
+
+    def invalidate_all(self, ns: Namespace) -> int:
+        return self.invalidate(ns, list(ns.entries))
+
+    # ---- memory pressure --------------------------------------------------------
+
+    def set_allowed(self, slots: int) -> int:
+        """Use at most `slots` slots from now on; return the bytes given back now."""
+        slots = max(0, min(self.slots, slots))
+        before = self.given_back
+        self.allowed = slots
+        while self.used > slots:
+            ns = max(self._ns.values(), key=lambda n: len(n.entries))
+            self._drop(ns, next(iter(ns.entries)), release=True)
+            self.evictions += 1
+        self.release_free()
+        return self.given_back - before
+
+    def release_free(self) -> None:
+        """Return the pages of free-but-touched slots to the kernel."""
+        popped = []
+        while self._dirty_free:
+            s = self.arena.alloc()
+            if s is None:  # pragma: no cover - dirty slots are free slots
+                break
+            popped.append(s)
+            self._dirty_free.discard(s)
+        for s in popped:
+            self.arena.release(s)
+        self.given_back += len(popped) * self.slot_size
+
+    # ---- reporting ----------------------------------------------------------------
+
+    @property
+    def blocks(self) -> int:
+        return self.used
+
+    def stats(self) -> dict:
+        return {
+            "memory_cap": self.memory,
+            "slot_size": self.slot_size,
+            "slots": self.slots,
+            "allowed_bytes": self.allowed * self.slot_size,
+            "bytes_used": self.used * self.slot_size,
+            "blocks": self.used,
+            "namespaces": sum(1 for n in self._ns.values() if n.entries),
+            "hits": self.hits,
+            "misses": self.misses,
+            "puts": self.puts,
+            "refused": self.refused,
+            "evictions": self.evictions,
+            "given_back_bytes": self.given_back,
+        }
+
+    def close(self) -> None:
+        self.arena.close()

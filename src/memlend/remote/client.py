@@ -1,0 +1,249 @@
+"""A small blocking client for one lender (used by tests and, later, by the mount).
+
+Every call has a deadline (`timeout`); on a timeout, a refused handshake, a broken
+connection or a malformed reply it raises RemoteError and the client is closed:
+the caller treats that as "not in the remote tier" and reads the backing store
+(invariant 2). Reconnecting is the caller's decision.
+
+Adaptive busy-polling: after sending a request the client spins on a
+non-blocking receive for up to `busy_poll_us` before sleeping in poll(). A reply
+that arrives while spinning avoids a cross-CPU wake-up, the dominant cost of a
+round trip on these VMs (docs/remote.md); the client's caller is blocked anyway.
+When replies stop arriving within the spin (a slow network, or a lender sharing
+this CPU, where spinning only delays it), spinning pauses for a while.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import select
+import socket
+import time
+from collections.abc import Iterable, Sequence
+
+from memlend.remote import protocol as p
+
+
+class RemoteError(Exception):
+    """The lender could not answer (network, timeout, protocol); treat as a miss."""
+
+
+class RemoteAuthError(RemoteError):
+    """The handshake failed: the lender and this client have different secrets."""
+
+
+class RemoteTimeout(RemoteError):
+    """The lender did not answer before the deadline."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class LenderClient:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        auth_key: bytes,
+        client_id: bytes,
+        *,
+        timeout: float = 2.0,
+        busy_poll_us: int = 200,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.busy_poll_ns = busy_poll_us * 1000
+        self._spin_score = 1.0  # moving average of "reply arrived while spinning"
+        self._spin_pause = 0  # calls left without spinning
+        self._conn = p.ClientConnection(auth_key, client_id)
+        self._ids = itertools.count(1)
+        self._events: list[p.Event] = []
+        self.max_value = 0
+        self.max_keys = p.MAX_KEYS
+        self._sock: socket.socket | None = None
+        deadline = time.monotonic() + timeout
+        try:
+            self._sock = socket.create_connection(address, timeout=timeout)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock.setblocking(False)
+            self._send(self._conn.send_hello())
+            self._expect(p.ServerVerified, deadline)
+            self._send(self._conn.send_auth())
+            ok = self._expect(p.AuthOk, deadline)
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"cannot connect to {address[0]}:{address[1]}: {e}") from e
+        except RemoteError:
+            self.close()
+            raise
+        self.max_value, self.max_keys = ok.max_value, max(1, min(ok.max_keys, p.MAX_KEYS))
+
+    # ---- plumbing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def __enter__(self) -> LenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, data: bytes) -> None:
+        sock = self._require()
+        view = memoryview(data)
+        deadline = time.monotonic() + self.timeout
+        while view:
+            try:
+                n = sock.send(view)
+            except BlockingIOError:
+                self._wait(select.POLLOUT, deadline)
+                continue
+            view = view[n:]
+
+    def _require(self) -> socket.socket:
+        if self._sock is None:
+            raise RemoteError("connection closed")
+        return self._sock
+
+    def _wait(self, what: int, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RemoteTimeout(f"lender {self.address[0]}:{self.address[1]} timed out")
+        poller = select.poll()
+        poller.register(self._require(), what)
+        poller.poll(left * 1000)
+
+    def _recv_some(self, deadline: float, spin: bool = False) -> None:
+        sock = self._require()
+        spin_until = time.perf_counter_ns() + (self.busy_poll_ns if spin else 0)
+        slept = False
+        while True:
+            try:
+                data = sock.recv(1 << 20)
+                break
+            except BlockingIOError:
+                if time.perf_counter_ns() < spin_until:
+                    continue
+                slept = True
+                self._wait(select.POLLIN, deadline)
+        if spin:
+            self._adapt(not slept)
+        if not data:
+            raise RemoteError("lender closed the connection")
+        try:
+            self._events.extend(self._conn.receive_data(data))
+        except p.AuthError as e:
+            raise RemoteAuthError(str(e)) from None
+        except p.ProtocolError as e:
+            raise RemoteError(f"bad reply from lender: {e}") from None
+
+    def _adapt(self, hit: bool) -> None:
+        self._spin_score = 0.9 * self._spin_score + (0.1 if hit else 0.0)
+        if self._spin_score < 0.3:
+            self._spin_pause, self._spin_score = 256, 0.6
+
+    def _expect(self, kind: type, deadline: float, request_id: int | None = None):
+        spin = False
+        if request_id is not None and self.busy_poll_ns:
+            if self._spin_pause:
+                self._spin_pause -= 1
+            else:
+                spin = True
+        while True:
+            while self._events:
+                ev = self._events.pop(0)
+                if isinstance(ev, p.ErrorReply):
+                    cls = RemoteAuthError if ev.code == p.ErrorCode.AUTH else RemoteError
+                    raise cls(f"lender refused: {ev.message}")
+                if isinstance(ev, kind) and (request_id is None or ev.request_id == request_id):
+                    return ev
+                raise RemoteError(f"unexpected reply {type(ev).__name__}")
+            try:
+                self._recv_some(deadline, spin)
+                spin = False
+            except OSError as e:
+                raise RemoteError(f"lender connection failed: {e}") from e
+
+    def _call(self, build, kind: type):
+        """Send one request and wait for its reply; any failure closes the client."""
+        rid = next(self._ids) & 0xFFFFFFFF
+        try:
+            self._send(build(rid))
+            return self._expect(kind, time.monotonic() + self.timeout, rid)
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"lender connection failed: {e}") from e
+        except RemoteError:
+            self.close()
+            raise
+
+    # ---- requests -------------------------------------------------------------------
+
+    def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The stored value of each key, or None where the lender has none."""
+        # Keys per request such that a full reply fits in one frame.
+        per = max(1, min(self.max_keys, p.MAX_PAYLOAD // (self.max_value + 5 or 1)))
+        out: list[bytes | None] = []
+        for i in range(0, len(keys), per):
+            batch = keys[i : i + per]
+            reply = self._call(lambda rid, b=batch: self._conn.send_get(b, rid), p.GetReply)
+            if len(reply.values) != len(batch):
+                self.close()
+                raise RemoteError("lender answered a different number of keys")
+            out.extend(reply.values)
+        return out
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Store clean blocks; returns how many the lender kept (it may refuse any)."""
+        stored = 0
+        batch: list[tuple[bytes, bytes]] = []
+        size = 2
+        for k, v in items:
+            if len(v) > self.max_value:
+                continue  # the lender would refuse it: do not send it
+            item = p.put_payload_size(k, len(v))
+            if batch and (len(batch) >= self.max_keys or size + item > p.MAX_PAYLOAD):
+                stored += self._put(batch)
+                batch, size = [], 2
+            batch.append((k, v))
+            size += item
+        if batch:
+            stored += self._put(batch)
+        return stored
+
+    def _put(self, batch: list[tuple[bytes, bytes]]) -> int:
+        return self._call(lambda rid: self._conn.send_put(batch, rid), p.Ack).count
+
+    def invalidate(self, keys: Sequence[bytes]) -> int:
+        n = 0
+        for i in range(0, len(keys), p.MAX_KEYS):
+            batch = keys[i : i + p.MAX_KEYS]
+            n += self._call(lambda rid, b=batch: self._conn.send_invalidate(b, rid), p.Ack).count
+        return n
+
+    def invalidate_prefix(self, prefix: bytes) -> int:
+        return self._call(lambda rid: self._conn.send_invalidate_prefix(prefix, rid), p.Ack).count
+
+    def invalidate_all(self) -> int:
+        return self._call(lambda rid: self._conn.send_invalidate_all(rid), p.Ack).count
+
+    def stats(self) -> dict:
+        return self._call(lambda rid: self._conn.send_stats(rid), p.StatsReply).stats
+
+    def ping(self, data: bytes = b"") -> bytes:
+        return self._call(lambda rid: self._conn.send_ping(data, rid), p.Pong).data

@@ -1,0 +1,215 @@
+"""The lender's network loop, in-process (a thread), with real sockets on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from memlend.lender.server import LenderServer, ServerConfig
+from memlend.lender.store import META_PER_SLOT, Store
+from memlend.lender.watcher import Watcher
+from memlend.remote import protocol as p
+from memlend.remote.client import LenderClient, RemoteAuthError, RemoteError
+
+KEY = b"a" * 32
+SLOT = 4096
+
+
+@pytest.fixture
+def lender() -> Iterator[Callable[..., LenderServer]]:
+    """lender(slots=64, config=None, source=None, reserve=0, quota=None) -> running server."""
+    started: list[tuple[LenderServer, threading.Thread]] = []
+
+    def start(slots=64, config=None, source=None, reserve=0, quota=None) -> LenderServer:
+        store = Store(slots * (SLOT + META_PER_SLOT), SLOT, client_quota=quota)
+        watcher = Watcher(store, source, reserve) if source else None
+        sock = socket.create_server(("127.0.0.1", 0))
+        cfg = config or ServerConfig(watch_interval=0.05)
+        srv = LenderServer(sock, store, KEY, cfg, watcher)
+        t = threading.Thread(target=srv.serve_forever, daemon=True)
+        t.start()
+        started.append((srv, t))
+        return srv
+
+    yield start
+    for srv, t in started:
+        srv.stop()
+        t.join(5)
+        srv.store.close()
+
+
+def client(srv: LenderServer, cid: bytes = b"a", key: bytes = KEY, **kw) -> LenderClient:
+    return LenderClient(srv.address, key, cid, timeout=2.0, **kw)
+
+
+def raw(srv: LenderServer) -> socket.socket:
+    s = socket.create_connection(srv.address, timeout=2)
+    return s
+
+
+def closed_by_peer(s: socket.socket, timeout: float = 3.0) -> bool:
+    s.settimeout(timeout)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+
+
+def test_put_get_round_trip_and_stats(lender) -> None:
+    srv = lender()
+    with client(srv) as c:
+        assert c.max_value == SLOT + 64
+        blocks = [(b"blk%03d" % i, bytes([i]) * (SLOT + 29)) for i in range(40)]
+        assert c.put_many(blocks) == 40
+        got = c.multi_get([k for k, _ in blocks] + [b"missing"])
+        assert got[:-1] == [v for _, v in blocks] and got[-1] is None
+        assert c.invalidate([b"blk000", b"blk001"]) == 2
+        assert c.invalidate_prefix(b"blk01") == 10
+        assert c.multi_get([b"blk000", b"blk020"])[0] is None
+        assert c.ping(b"hello") == b"hello"
+        s = c.stats()
+        assert s["blocks"] == 28 and s["clients"] == 1 and s["hits"] == 41
+        assert {"memory_cap", "bytes_used", "misses", "evictions", "given_back_bytes"} <= set(s)
+        assert c.invalidate_all() == 28
+
+
+def test_many_keys_are_split_into_frames(lender) -> None:
+    srv = lender(slots=600)
+    with client(srv) as c:
+        blocks = [(b"%05d" % i, b"v%d" % i) for i in range(500)]  # > MAX_KEYS per message
+        assert c.put_many(blocks) == 500
+        assert c.multi_get([k for k, _ in blocks]) == [v for _, v in blocks]
+
+
+def test_wrong_secret_is_refused_while_others_keep_working(lender, caplog) -> None:
+    srv = lender()
+    good = client(srv)
+    good.put_many([(b"k", b"v")])
+    with pytest.raises(RemoteAuthError):
+        client(srv, cid=b"intruder", key=b"z" * 32)
+    # A client that skips the check and forges its proof gets closed, too.
+    s = raw(srv)
+    c = p.ClientConnection(b"z" * 32, b"forger")
+    s.sendall(c.send_hello())
+    s.recv(4096)
+    s.sendall(p.encode_frame(p.MsgType.AUTH, 0, b"\0" * 32))
+    assert closed_by_peer(s)
+    assert good.multi_get([b"k"]) == [b"v"]
+    assert srv.auth_failures == 1  # the first client gave up on its own: wrong lender
+    assert sum("failed authentication" in r.message for r in caplog.records) == 1
+    good.close()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        p.HEADER.pack(p.MAGIC, 1, p.MsgType.HELLO, 0, 0, p.MAX_PAYLOAD + 1),  # oversized
+        p.HEADER.pack(p.MAGIC, 9, p.MsgType.HELLO, 0, 0, 0),  # another version
+        bytes(range(256)) * 4,
+    ],
+)
+def test_garbage_closes_the_connection_and_the_lender_keeps_serving(lender, junk) -> None:
+    srv = lender()
+    with client(srv) as good:
+        s = raw(srv)
+        s.sendall(junk)
+        assert closed_by_peer(s)
+        assert good.ping() == b""
+        assert srv.protocol_errors == 1
+
+
+def test_truncated_frame_is_closed_after_the_frame_timeout(lender) -> None:
+    srv = lender(config=ServerConfig(frame_timeout=0.3, watch_interval=0.05))
+    s = raw(srv)
+    frame = p.ClientConnection(KEY, b"a").send_hello()
+    s.sendall(frame[:-5])  # never finished
+    t = time.monotonic()
+    assert closed_by_peer(s)
+    assert time.monotonic() - t < 2.5
+    with client(srv) as good:
+        assert good.ping() == b""
+
+
+def test_idle_and_unauthenticated_connections_are_closed(lender) -> None:
+    srv = lender(config=ServerConfig(idle_timeout=0.4, auth_timeout=0.3, watch_interval=0.05))
+    silent = raw(srv)
+    c = client(srv)
+    assert closed_by_peer(silent)
+    time.sleep(0.8)
+    with pytest.raises(RemoteError):
+        c.ping()
+    assert c.closed
+
+
+def test_client_b_cannot_read_client_a(lender) -> None:
+    srv = lender()
+    with client(srv, b"A") as a, client(srv, b"B") as b:
+        a.put_many([(b"shared-name", b"A's block")])
+        assert b.multi_get([b"shared-name"]) == [None]
+        assert b.invalidate_all() == 0
+        assert a.multi_get([b"shared-name"]) == [b"A's block"]
+        assert a.stats()["namespaces"] == 1
+
+
+def test_quota_and_fair_share_across_clients(lender) -> None:
+    srv = lender(slots=40, quota=10 * SLOT)
+    with client(srv, b"A") as a, client(srv, b"B") as b:
+        a.put_many([(b"%d" % i, b"x" * SLOT) for i in range(30)])
+        assert a.stats()["blocks"] == 10
+        b.put_many([(b"%d" % i, b"y" * SLOT) for i in range(30)])
+        assert sum(v is not None for v in a.multi_get([b"%d" % i for i in range(30)])) == 10
+        assert b.stats()["blocks"] == 20
+
+
+def test_watcher_gives_memory_back_when_the_source_says_short(lender) -> None:
+    avail = [10 << 30]
+    srv = lender(slots=64, source=lambda: avail[0], reserve=1 << 30)
+    with client(srv) as c:
+        c.put_many([(b"%d" % i, b"x" * SLOT) for i in range(64)])
+        assert c.stats()["blocks"] == 64
+        avail[0] = (1 << 30) - 40 * SLOT  # 40 slots short of the reserve
+        t = time.monotonic()
+        while c.stats()["blocks"] > 24:
+            assert time.monotonic() - t < 1.0, "not given back within a second"
+            time.sleep(0.02)
+        s = c.stats()
+        assert s["given_back_bytes"] >= 40 * SLOT and s["allowed_bytes"] == 24 * SLOT
+        assert c.put_many([(b"new", b"x")]) == 0  # nothing new while the host is short
+        avail[0] = 10 << 30
+        t = time.monotonic()
+        while c.stats()["allowed_bytes"] < 64 * SLOT:
+            assert time.monotonic() - t < 1.0
+            time.sleep(0.02)
+        assert c.put_many([(b"new", b"x")]) == 1
+
+
+def test_many_clients_at_once(lender) -> None:
+    srv = lender(slots=256)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            with client(srv, b"c%d" % n) as c:
+                for r in range(20):
+                    c.put_many([(b"k%d" % r, b"%d-%d" % (n, r))])
+                    assert c.multi_get([b"k%d" % r]) == [b"%d-%d" % (n, r)]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
