@@ -138,7 +138,7 @@ def in_process(backing: Path, name: str, block: int, reads: int) -> dict[str, fl
 
 def _copy_out(cache: BlockCache, base: int, block: int, out: memoryview) -> None:
     with cache.lock:
-        cache.copy_out(base, block, block, out)
+        cache.copy_one(base | block, 0, 4096, out)
 
 
 def live(work: Path, tools: ft.Tools, seconds: float, block: str, cpu: int) -> str:

@@ -36,7 +36,7 @@ class BlockCache:
         if nslots < 1:
             raise ValueError(f"cache size {cache_size} holds no block of {block_size} bytes")
         self.block_size = block_size
-        self.arena = Arena(nslots, block_size)
+        self.arena = Arena(nslots, block_size, populate=True)
         self.policy = make_policy(policy, nslots)
         self.stats = stats
         self.lock = threading.Lock()
@@ -54,12 +54,36 @@ class BlockCache:
 
     # All methods below expect self.lock to be held by the caller.
 
-    def copy_out(self, base: int, first: int, last: int, out: memoryview) -> list[int]:
-        """Copy blocks first..last of file `base` into out[i*bs:]; return each block's
-        valid length, or -1 for a miss."""
+    def has(self, key: int) -> bool:
+        return key in self._index
+
+    def copy_one(self, key: int, lo: int, hi: int, out: memoryview) -> int:
+        """The one-block hit path: copy bytes lo..hi of block `key` (as far as valid)
+        into out[lo:hi]; return the block's valid length, or -1 on a miss."""
+        slot = self._index.get(key)
+        if slot is None:
+            self.stats.local_misses += 1
+            return -1
+        self.policy.touch(key)
+        n = self._length[slot]
+        src = slot * self.block_size
+        if hi > n:
+            hi = n
+        if hi > lo:
+            out[lo:hi] = self.arena.view[src + lo : src + hi]
+        self.stats.local_hits += 1
+        return n
+
+    def copy_out(
+        self, base: int, first: int, last: int, out: memoryview, lo: int, hi: int
+    ) -> list[int]:
+        """Copy what is cached of blocks first..last of file `base` into out, block i
+        at out[i*bs:], only the bytes within out[lo:hi] (what the request wants);
+        return each block's valid length, or -1 for a miss."""
         bs = self.block_size
         index, policy, arena, length = self._index, self.policy, self.arena.view, self._length
         lens = []
+        hits = 0
         pos = 0
         for b in range(first, last + 1):
             slot = index.get(base | b)
@@ -68,11 +92,13 @@ class BlockCache:
             else:
                 policy.touch(base | b)
                 n = length[slot]
-                src = slot * bs
-                out[pos : pos + n] = arena[src : src + n]
+                a, z = max(pos, lo), min(pos + n, hi)
+                if z > a:
+                    src = slot * bs - pos
+                    out[a:z] = arena[src + a : src + z]
                 lens.append(n)
+                hits += 1
             pos += bs
-        hits = sum(1 for n in lens if n >= 0)
         self.stats.local_hits += hits
         self.stats.local_misses += len(lens) - hits
         return lens

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from memlend.fs.cache import FILE_SHIFT, BlockCache
 from memlend.fs.readpath import ReadPath
+from memlend.fs.stream import Stream
 from memlend.fuse import wire
 from memlend.fuse.api import Context, DirEntry, Operations, SetattrRequest
 from memlend.stats import MountStats
@@ -83,6 +84,7 @@ class Handle:
     append: bool
     readable: bool
     direct_fd: int = -1  # O_DIRECT descriptor for cached reads, opened on first read
+    stream: Stream = field(default_factory=Stream)  # sequential read-ahead state
 
 
 @dataclass(slots=True)
@@ -424,7 +426,7 @@ class Passthrough(Operations):
         h = self._handle(fh)
         if h.direct_fd < 0:
             h.direct_fd = self.reader.open_for_reading(h.inode.fd, h.fd)
-        return self.reader.read(h.direct_fd, h.state, offset, size, h.direct_fd == h.fd)
+        return self.reader.read(h.direct_fd, h.state, offset, size, h.direct_fd == h.fd, h.stream)
 
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         h = self._handle(fh)
@@ -447,6 +449,7 @@ class Passthrough(Operations):
             h = self._handles.pop(fh, None)
         if not isinstance(h, Handle):
             return
+        self.reader.readahead.close(h.stream)  # before its descriptor goes
         if h.direct_fd >= 0 and h.direct_fd != h.fd:
             os.close(h.direct_fd)
         if not h.readable or h.state.version:

@@ -21,6 +21,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.fs.stream import ReadAhead, Stream
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class ReadPath:
         self.shift = self.bs.bit_length() - 1
         self.direct_io = direct_io
         self.max_request = 1 << 20
+        self.readahead = ReadAhead(cache, stats, self.max_request)
         self._local = threading.local()
         self._warned = False
 
@@ -65,13 +67,31 @@ class ReadPath:
         return buf
 
     def read(
-        self, fd: int, state: FileState, offset: int, size: int, buffered: bool = False
+        self,
+        fd: int,
+        state: FileState,
+        offset: int,
+        size: int,
+        buffered: bool = False,
+        stream: Stream | None = None,
     ) -> list[memoryview]:
         # Nothing is read, nor counted as a miss, past the end of file as last seen
         # (at open, getattr, or our own write): readers probe it on every file.
         size = min(size, self.max_request, state.size - offset)
         if size <= 0:
             return []
+        if (
+            stream is not None
+            and stream.note(offset, size)
+            and not buffered
+            and stream.lock.acquire(blocking=False)  # one request of a stream at a time
+        ):
+            try:
+                parts = self.readahead.serve(fd, state, offset, size, stream)
+            finally:
+                stream.lock.release()
+            if parts is not None:
+                return parts
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
         out = self._buffer()
@@ -80,10 +100,18 @@ class ReadPath:
             # The last reply was big; it is sent by now: hand its pages back.
             local.map.madvise(mmap.MADV_DONTNEED)
         local.big = size > _BIG_READ
+        start = offset - (first << shift)
         with cache.lock:
             version = state.version
             base = state.file_id << FILE_SHIFT
-            lens = cache.copy_out(base, first, last, out)
+            if first == last:  # the common small read: one block, no lists
+                n = cache.copy_one(base | first, start, start + size, out)
+                if n >= 0:
+                    end = min(n, start + size)
+                    return [out[start:end]] if end > start else []
+                lens = [-1]
+            else:
+                lens = cache.copy_out(base, first, last, out, start, start + size)
         if -1 in lens:
             self._fill_misses(fd, state, version, base, first, lens, out, buffered)
         # The data ends at the first short block (end of file).
@@ -92,7 +120,6 @@ class ReadPath:
             if n < bs:
                 end = i * bs + n
                 break
-        start = offset - (first << shift)
         end = min(end, start + size)
         return [out[start:end]] if end > start else []
 

@@ -1,0 +1,171 @@
+"""Read-ahead for sequential streams.
+
+A FUSE read is synchronous: the application asks for 1 MiB, waits, asks for
+the next. Served one at a time, a cold sequential read through memlend costs
+the disk read *plus* the Python work and the FUSE transfer, and falls well
+behind reading the backing file with O_DIRECT directly (docs/benchmarks.md).
+So, once a handle has read two large, aligned, back-to-back requests, memlend
+reads the next window ahead in a background thread, into one of two buffers
+of that stream: the disk works on windows k+1 and k+2 while window k is sent. The
+prefetch thread then also inserts what it read into the cache (off the
+application's path); the scan-resistant policy keeps such one-pass data from
+pushing out the hot set.
+
+Consistency: a window is used only if the file's version is the one it was
+read under, and its blocks are inserted only under that same check, exactly
+as on the ordinary miss path.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.stats import MountStats
+
+if TYPE_CHECKING:
+    from memlend.fs.passthrough import FileState
+
+STREAM_MIN = 128 * 1024  # smaller requests are not worth reading ahead
+STREAM_AFTER = 2  # back-to-back requests before a handle counts as a stream
+DEPTH = 2  # windows read ahead: two disk reads in flight beat one (docs/benchmarks.md)
+NBUF = DEPTH + 1  # and the window being sent
+MAX_STREAMS = 4  # streams holding buffers at once (NBUF x max request each)
+
+
+@dataclass(eq=False)
+class Window:
+    offset: int
+    size: int
+    version: int
+    view: memoryview
+    ready: threading.Event = field(default_factory=threading.Event)
+    nbytes: int = -1  # bytes read; -1 if the read failed or was skipped
+
+
+class Stream:
+    """Sequential-read state of one open file handle."""
+
+    def __init__(self) -> None:
+        self.next = -1
+        self.run = 0
+        self.lock = threading.Lock()
+        self.ahead: deque[Window] = deque()  # windows in flight, in file order
+        self.maps: list[mmap.mmap] = []
+        self.done: list[Future | None] = [None] * NBUF  # last task per buffer
+        self.turn = 0
+
+    def note(self, offset: int, size: int) -> bool:
+        """Record a request; True once the handle reads sequentially in large requests
+        (a small request that continues a stream, as the kernel splits unaligned
+        buffers, neither starts nor breaks one)."""
+        if offset != self.next:
+            self.run = 0
+        elif size >= STREAM_MIN:
+            self.run += 1
+        self.next = offset + size
+        return self.run >= STREAM_AFTER
+
+
+class ReadAhead:
+    def __init__(self, cache: BlockCache, stats: MountStats, max_request: int) -> None:
+        self.cache = cache
+        self.stats = stats
+        self.bs = cache.block_size
+        self.shift = self.bs.bit_length() - 1
+        self.max_request = max_request
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readahead")
+        self._slots = threading.BoundedSemaphore(MAX_STREAMS)
+
+    def _cached(self, base: int, block: int) -> bool:
+        with self.cache.lock:
+            return self.cache.has(base | block)
+
+    def serve(
+        self, fd: int, state: FileState, offset: int, size: int, stream: Stream
+    ) -> list[memoryview] | None:
+        """Serve a sequential request from its read-ahead window and keep DEPTH windows
+        ahead in flight; None when the ordinary path should serve it (cached data, a
+        request across two windows, no buffers)."""
+        wsize = self.max_request  # windows are aligned: the kernel may split requests
+        start = offset - offset % wsize
+        if (offset + size - 1) // wsize != offset // wsize:
+            return None
+        base = state.file_id << FILE_SHIFT
+        if self._cached(base, offset >> self.shift):
+            return None  # a re-read of cached data: the cache is faster than any disk
+        if not stream.maps:
+            if not self._slots.acquire(blocking=False):
+                return None  # too many streams already: no buffers for this one
+            stream.maps = [
+                mmap.mmap(-1, wsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                for _ in range(NBUF)
+            ]
+        ahead = stream.ahead
+        while ahead and ahead[0].offset < start:
+            ahead.popleft()  # windows the reader has moved past
+        if ahead and ahead[0].offset != start:
+            ahead.clear()  # a jump forward: start over from here
+        result = None
+        if ahead:
+            w = ahead[0]
+            w.ready.wait()
+            if w.nbytes >= 0 and w.version == state.version:
+                lo = offset - start
+                result = [w.view[lo : min(lo + size, w.nbytes)]]
+                self.stats.local_misses += 1
+        nxt = ahead[-1].offset + wsize if ahead else start + wsize
+        while len(ahead) <= DEPTH and nxt < state.size:
+            self._start(fd, state, nxt, wsize, stream)
+            nxt += wsize
+        return result
+
+    def _start(self, fd: int, state: FileState, offset: int, size: int, stream: Stream) -> None:
+        turn = stream.turn = (stream.turn + 1) % NBUF
+        previous = stream.done[turn]
+        if previous is not None:
+            previous.result()  # that buffer may still be read by its insert
+        view = memoryview(stream.maps[turn])[:size]
+        w = Window(offset, size, state.version, view)
+        stream.ahead.append(w)
+        stream.done[turn] = self._pool.submit(self._fetch, fd, state, w)
+
+    def _fetch(self, fd: int, state: FileState, w: Window) -> None:
+        bs = self.bs
+        base = state.file_id << FILE_SHIFT
+        try:
+            w.nbytes = os.preadv(fd, [w.view], w.offset)
+        except OSError:
+            w.nbytes = -1
+        finally:
+            w.ready.set()
+        if w.nbytes <= 0:
+            return
+        self.stats.disk_reads += 1
+        self.stats.disk_read_bytes += w.nbytes
+        first = w.offset >> self.shift
+        with self.cache.lock:
+            if state.version != w.version:
+                return  # written meanwhile: what we read may be stale
+            for i in range(0, w.nbytes, bs):
+                key = base | (first + i // bs)
+                if not self.cache.has(key):
+                    self.cache.insert(key, w.view[i : min(i + bs, w.nbytes)])
+
+    def close(self, stream: Stream) -> None:
+        """Forget the stream: wait for its reads, give its buffers back."""
+        for f in stream.done:
+            if f is not None:
+                f.result()
+        stream.ahead.clear()
+        if stream.maps:
+            for m in stream.maps:
+                m.madvise(mmap.MADV_DONTNEED)  # the pages go back now, whatever holds a view
+            stream.maps = []
+            self._slots.release()

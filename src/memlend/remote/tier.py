@@ -1,0 +1,687 @@
+"""The remote tier as the mount sees it: `RemoteTier`.
+
+    tier = RemoteTier(["memlend://10.0.0.2:7070", "memcached://10.0.0.3:11211"],
+                      auth_secret, seal_secret)
+    blocks = tier.get_many(keys)      # FUSE worker, on local misses: {key: plaintext}
+    tier.put(key, data)               # local tier evicted a clean block (lock held)
+    tier.snapshot()                   # counters for `memlend stats --json`
+    tier.close()
+
+Reads (`get_many`, any thread, concurrently). Keys are opaque bytes (the mount uses
+epoch | file id | version | block number). Blocks still waiting in the put queue
+are answered from it. The rest are grouped by lender (rendezvous hashing,
+memlend.remote.placement); every active lender gets one multi-get, all sent before
+any reply is awaited, so lenders answer in parallel without helper threads (a
+cross-thread wake-up costs 80-110 µs here, more than a round trip). Replies are
+awaited with busy-polling up to the deadline (2 ms); whatever has not arrived by
+then is a miss, and that connection is closed (a late reply must not be read as
+the answer to a later request). A key whose lender is not active is a miss: the
+block is not anywhere else. Each blob is opened (AES-256-GCM, the key as
+associated data); one that fails is counted (`seal_failures`) and is a miss.
+`get_many` never raises.
+
+Connections: each lender has a small pool of connected clients; a caller takes one
+(connecting if none is idle), uses it alone, and gives it back, so concurrent FUSE
+workers never share a socket and no lock is held across network I/O.
+
+Writes (`put`, called with the cache lock held): O(1), never blocks on I/O: the
+block is copied into a bounded queue, or dropped and counted when the queue is
+full. A background thread takes the queue every few milliseconds, groups it by
+lender, seals the blocks and sends them in batches of `batch` per message. Puts to
+a lender that is not active are dropped and counted.
+
+Modes. Inclusive (default): a block read back stays on the lender; the tier
+remembers (a bounded LRU set) which keys it read back, so when the local tier
+evicts such a clean block again, `put` skips it (`remote_put_skipped`): the lender
+still holds it (or dropped it, which is only a future miss). Exclusive: a block
+read back is deleted from its lender, asynchronously, by the put thread.
+
+Health (memlend.remote.health): a call that fails marks its lender down; a lender
+whose round trips average above 2.5 ms, take one above 40 ms, or time out three
+times in a row is suspended. A prober thread reconnects to and pings such lenders
+every `probe_interval` and reactivates them when they answer fast; it also pings
+active lenders and reads their STATS (blocks held).
+
+Invariant 2: no call of this class fails or hangs an application call; every
+network wait has a deadline; every exception is caught, counted and turned into a
+miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+from memlend.remote import protocol as p
+from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, parse_address
+from memlend.remote.health import ACTIVE, DOWN, LenderHealth
+from memlend.remote.memcached import MemcachedClient
+from memlend.remote.placement import Rendezvous
+from memlend.remote.sealing import Sealer, SealError, client_id_for
+from memlend.remote.secret import auth_key
+
+MODES = ("inclusive", "exclusive")
+# A pooled connection unused this long is closed rather than used: the lender may
+# have closed it (--idle-timeout, 300 s by default), and a read must not find out.
+POOL_IDLE = 60.0
+
+
+class _MemlendClient(LenderClient):
+    """LenderClient plus a split multi-get (send now, collect later)."""
+
+    def start_get(self, keys: Sequence[bytes]) -> list[tuple[int, int]]:
+        per = max(1, min(self.max_keys, p.MAX_PAYLOAD // (self.max_value + 5 or 1)))
+        sent: list[tuple[int, int]] = []
+        try:
+            for i in range(0, len(keys), per):
+                batch = keys[i : i + per]
+                rid = next(self._ids) & 0xFFFFFFFF
+                self._send(self._conn.send_get(batch, rid))
+                sent.append((rid, len(batch)))
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"lender connection failed: {e}") from e
+        except (RemoteError, ValueError) as e:
+            self.close()
+            raise RemoteError(str(e)) from e
+        return sent
+
+    def finish_get(self, token: list[tuple[int, int]], deadline: float) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        try:
+            for rid, n in token:
+                reply = self._expect(p.GetReply, deadline, rid)
+                if len(reply.values) != n:
+                    raise RemoteError("lender answered a different number of keys")
+                out.extend(reply.values)
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"lender connection failed: {e}") from e
+        except RemoteError:
+            self.close()
+            raise
+        return out
+
+
+Client = _MemlendClient | MemcachedClient
+
+
+class _Lender:
+    """One configured lender: address, health, connection pool, counters."""
+
+    def __init__(self, url: str, tier: RemoteTier) -> None:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("memlend", "memcached"):
+            raise ValueError(f"lender URL must be memlend:// or memcached://HOST:PORT, not {url}")
+        self.url = url
+        self.kind = scheme
+        self.address = parse_address(rest.rstrip("/"))
+        self.tier = tier
+        self.health = LenderHealth(suspend_avg=tier.suspend_avg, suspend_single=tier.suspend_single)
+        self._pool: list[tuple[Client, int, float]] = []  # client, generation, last use
+        self._lock = threading.Lock()
+        # The put thread's and the prober's own connections, with the health
+        # generation they were opened in (a stale one is replaced, not used).
+        self._own: dict[str, tuple[Client, int]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.put_blocks = 0
+        self.dropped_puts = 0
+        self.lender_blocks: int | None = None
+
+    def connect(self, timeout: float) -> Client:
+        t = self.tier
+        if self.kind == "memcached":
+            return MemcachedClient(
+                self.address, t.client_id, timeout=timeout, busy_poll_us=t.busy_poll_us
+            )
+        assert t.auth_key is not None
+        return _MemlendClient(
+            self.address, t.auth_key, t.client_id, timeout=timeout, busy_poll_us=t.busy_poll_us
+        )
+
+    def acquire(self, timeout: float) -> tuple[Client, int]:
+        """An idle connection of the current health generation, or a new one."""
+        gen = self.health.generation
+        stale = []
+        try:
+            with self._lock:
+                old = time.monotonic() - POOL_IDLE
+                while self._pool:
+                    c, g, used = self._pool.pop()
+                    if g == gen and used > old and not c.closed:
+                        return c, gen
+                    stale.append(c)
+        finally:
+            for c in stale:
+                c.close()
+        return self.connect(timeout), gen
+
+    def release(self, c: Client, gen: int) -> None:
+        if not c.closed and gen == self.health.generation:
+            with self._lock:
+                if len(self._pool) < self.tier.pool_size:
+                    self._pool.append((c, gen, time.monotonic()))
+                    return
+        c.close()
+
+    def idle(self) -> int:
+        return len(self._pool)
+
+    def close_pool(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for c, _, _ in pool:
+            c.close()
+
+    def own(self, role: str, timeout: float) -> Client:
+        """The connection of one background thread (`role`), reopened when stale.
+
+        Only that thread calls this for its role."""
+        gen = self.health.generation
+        cur = self._own.get(role)
+        if cur is not None:
+            if not cur[0].closed and cur[1] == gen:
+                cur[0].timeout = timeout
+                return cur[0]
+            cur[0].close()
+            del self._own[role]
+        c = self.connect(timeout)
+        self._own[role] = (c, gen)
+        return c
+
+    def drop_own(self, role: str) -> None:
+        cur = self._own.pop(role, None)
+        if cur is not None:
+            cur[0].close()
+
+    def close(self) -> None:
+        self.close_pool()
+        for role in list(self._own):
+            self.drop_own(role)
+
+
+class RemoteTier:
+    def __init__(
+        self,
+        urls: list[str],
+        auth_secret: bytes | None,
+        seal_secret: bytes,
+        *,
+        deadline: float = 0.002,
+        queue_blocks: int = 4096,
+        batch: int = 32,
+        mode: str = "inclusive",
+        stats: object | None = None,
+        queue_bytes: int | None = None,
+        remember_blocks: int = 65536,
+        probe_interval: float = 0.5,
+        connect_timeout: float = 0.5,
+        put_timeout: float = 1.0,
+        linger: float = 0.002,
+        suspend_avg: float = 0.0025,
+        suspend_single: float = 0.040,
+        busy_poll_us: int = 200,
+        pool_size: int = 32,
+        latency_window: int = 4096,
+    ) -> None:
+        if not urls:
+            raise ValueError("the remote tier needs at least one lender URL")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if deadline <= 0 or queue_blocks < 1 or batch < 1:
+            raise ValueError("deadline, queue_blocks and batch must be positive")
+        self.deadline = deadline
+        self.queue_blocks = queue_blocks
+        self.queue_bytes = queue_bytes if queue_bytes is not None else 1 << 62
+        self.batch = batch
+        self.mode = mode
+        self.remember_blocks = remember_blocks
+        self.probe_interval = probe_interval
+        self.connect_timeout = connect_timeout
+        self.put_timeout = put_timeout
+        self.linger = linger
+        self.suspend_avg = suspend_avg
+        self.suspend_single = suspend_single
+        self.busy_poll_us = busy_poll_us
+        self.pool_size = pool_size
+        self._stats = stats
+        self._sealer = Sealer.from_secret(seal_secret)
+        self.client_id = client_id_for(seal_secret)
+        self.auth_key = auth_key(auth_secret) if auth_secret is not None else None
+        self.lenders = [_Lender(u, self) for u in urls]
+        if self.auth_key is None and any(ld.kind == "memlend" for ld in self.lenders):
+            raise ValueError("memlend:// lenders need the auth secret")
+        self._placement = Rendezvous([ld.url for ld in self.lenders])
+
+        # Counters: bumped under _clock (never held across I/O).
+        self._clock = threading.Lock()
+        self.c: dict[str, int] = dict.fromkeys(
+            (
+                "remote_hits",
+                "remote_misses",
+                "remote_queue_hits",
+                "remote_put_blocks",
+                "remote_put_skipped",
+                "remote_dropped_puts",
+                "remote_errors",
+                "remote_timeouts",
+                "seal_failures",
+                "remote_deletes",
+                "remote_dropped_deletes",
+            ),
+            0,
+        )
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+
+        # Put queue: plaintext blocks by key; the put thread swaps the dict out.
+        self._qlock = threading.Lock()
+        self._pending: dict[bytes, bytes] = {}
+        self._inflight: dict[bytes, bytes] = {}
+        self._pending_bytes = 0
+        self._inflight_bytes = 0
+        self._deletes: deque[bytes] = deque()
+        self._known: OrderedDict[bytes, None] = OrderedDict()  # inclusive: on a lender
+        self._wake = threading.Event()
+        self._busy = False
+        self._stop = threading.Event()
+
+        self._probe_all(first=True)
+        self._threads = [
+            threading.Thread(target=self._put_loop, name="memlend-remote-put", daemon=True),
+            threading.Thread(target=self._probe_loop, name="memlend-remote-probe", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ---- counters ---------------------------------------------------------------------
+
+    def _count(self, **kw: int) -> None:
+        with self._clock:
+            for k, v in kw.items():
+                self.c[k] += v
+            if self._stats is not None:
+                for k in ("remote_hits", "remote_misses"):
+                    if k in kw and hasattr(self._stats, k):
+                        setattr(self._stats, k, getattr(self._stats, k) + kw[k])
+
+    # ---- reads ------------------------------------------------------------------------
+
+    def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """Plaintext of the blocks found and verified; the rest are misses."""
+        found: dict[bytes, bytes] = {}
+        if not keys:
+            return found
+        t0 = time.monotonic()
+        deadline = t0 + self.deadline
+        try:
+            self._get_many(keys, found, t0, deadline)
+        except Exception:  # invariant 2: never fail an application call
+            self._count(remote_errors=1)
+        hits = len(found)
+        self._count(remote_hits=hits, remote_misses=len(keys) - hits)
+        return found
+
+    def _get_many(
+        self, keys: list[bytes], found: dict[bytes, bytes], t0: float, deadline: float
+    ) -> None:
+        # Blocks still in the put queue (evicted a moment ago) are answered from it.
+        pending, inflight = self._pending, self._inflight
+        if pending or inflight:
+            rest = []
+            for k in keys:
+                v = pending.get(k)
+                if v is None:
+                    v = inflight.get(k)
+                if v is None:
+                    rest.append(k)
+                else:
+                    found[k] = v
+            if found:
+                self._count(remote_queue_hits=len(found))
+                if self.mode == "exclusive":  # it goes back to the local tier instead
+                    self.forget(list(found))
+            keys = rest
+            if not keys:
+                return
+        if any(not 0 < len(k) <= p.MAX_KEY_LEN for k in keys):
+            keys = [k for k in keys if 0 < len(k) <= p.MAX_KEY_LEN]  # others: misses
+        calls: list[tuple[_Lender, Client, int, list[bytes], Any]] = []
+        for idx, ks in self._placement.group(keys).items():
+            ld = self.lenders[idx]
+            if not ld.health.active:
+                with self._clock:
+                    ld.misses += len(ks)
+                continue
+            c = None
+            try:
+                c, gen = ld.acquire(max(deadline - time.monotonic(), 1e-4))
+                c.timeout = max(deadline - time.monotonic(), 1e-4)
+                calls.append((ld, c, gen, ks, c.start_get(ks)))
+            except Exception as e:
+                if c is not None:
+                    c.close()
+                self._fault(ld, e, time.monotonic() - t0)
+        if not calls:
+            return
+        opened: list[tuple[_Lender, list[bytes], list[bytes | None]]] = []
+        for ld, c, gen, ks, token in calls:
+            try:
+                values = c.finish_get(token, deadline)
+            except Exception as e:
+                c.close()
+                self._fault(ld, e, time.monotonic() - t0)
+                continue
+            ld.health.ok(time.monotonic() - t0)
+            ld.release(c, gen)
+            opened.append((ld, ks, values))
+        self._latencies.append(time.monotonic() - t0)
+        bad = 0
+        for ld, ks, values in opened:
+            n = 0
+            for k, blob in zip(ks, values, strict=True):
+                if blob is None:
+                    continue
+                try:
+                    found[k] = self._sealer.open(k, blob)
+                    n += 1
+                except SealError:
+                    bad += 1
+            with self._clock:
+                ld.hits += n
+                ld.misses += len(ks) - n
+        if bad:
+            self._count(seal_failures=bad)
+        fetched = [k for _, ks, _ in opened for k in ks if k in found]
+        if self.mode == "exclusive":
+            self._delete_later(fetched)
+        else:
+            self.remember_fetched(*fetched)
+
+    def _fault(self, ld: _Lender, e: BaseException, elapsed: float) -> None:
+        if isinstance(e, RemoteTimeout):
+            self._count(remote_timeouts=1)
+            ld.health.timeout(elapsed)
+        else:
+            self._count(remote_errors=1)
+            was_active = ld.health.active
+            ld.health.fail(f"{type(e).__name__}: {e}")
+            if was_active:
+                self._lost(ld)
+
+    def _lost(self, ld: _Lender) -> None:
+        """A lender went down: its pooled connections and what we knew it held go."""
+        ld.close_pool()
+        with self._qlock:
+            self._known.clear()
+
+    # ---- inclusive mode: keys known to be on a lender -----------------------------------
+
+    def remember_fetched(self, *keys: bytes) -> None:
+        """These keys were read back from a lender that keeps them (inclusive mode):
+        a later `put` of one of them is skipped. get_many calls this for its hits;
+        the set is an LRU of at most `remember_blocks` keys."""
+        if self.mode != "inclusive" or not self.remember_blocks or not keys:
+            return
+        with self._qlock:
+            known = self._known
+            for key in keys:
+                known[key] = None
+                known.move_to_end(key)
+            while len(known) > self.remember_blocks:
+                known.popitem(last=False)
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        """Forget these keys (pending puts, known-on-lender); remote copies are left
+        to their versioned keys (they become unreachable) or the lender's eviction."""
+        with self._qlock:
+            for k in keys:
+                self._known.pop(k, None)
+                v = self._pending.pop(k, None)
+                if v is not None:
+                    self._pending_bytes -= len(v)
+
+    # ---- writes -----------------------------------------------------------------------
+
+    def put(self, key: bytes, data: bytes | bytearray | memoryview) -> None:
+        """Queue a clean block for a lender; O(1) under a short lock, never does I/O.
+
+        `data` is copied unless it is `bytes` (an arena slot is reused at once)."""
+        with self._qlock:
+            if key in self._known:
+                self.c["remote_put_skipped"] += 1
+                return
+            pending = self._pending
+            if (
+                self._stop.is_set()
+                or len(pending) + len(self._inflight) >= self.queue_blocks
+                or self._pending_bytes + self._inflight_bytes + len(data) > self.queue_bytes
+                or not 0 < len(key) <= p.MAX_KEY_LEN
+            ):
+                self.c["remote_dropped_puts"] += 1
+                return
+            if key in pending:
+                self._pending_bytes -= len(pending[key])
+            pending[key] = data if type(data) is bytes else bytes(data)
+            self._pending_bytes += len(data)
+            first = len(pending) == 1
+        if first:
+            self._wake.set()
+
+    def _delete_later(self, keys: list[bytes]) -> None:
+        if not keys:
+            return
+        with self._qlock:
+            room = self.queue_blocks - len(self._deletes)
+            if room < len(keys):
+                self.c["remote_dropped_deletes"] += len(keys) - max(room, 0)
+                keys = keys[: max(room, 0)]
+            self._deletes.extend(keys)
+        self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued put and delete has been sent (for tests and close)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._qlock:
+                idle = not (self._pending or self._inflight or self._deletes or self._busy)
+            if idle:
+                return True
+            self._wake.set()
+            time.sleep(0.001)
+        return False
+
+    def _put_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            # Let a few more evictions join the batch (the thread wakes on the first).
+            if self.linger:
+                self._stop.wait(self.linger)
+            with self._qlock:
+                batch, self._pending = self._pending, {}
+                self._inflight = batch
+                self._inflight_bytes, self._pending_bytes = self._pending_bytes, 0
+                deletes = list(self._deletes)
+                self._deletes.clear()
+                self._busy = True
+            try:
+                if batch:
+                    self._send_puts(batch)
+                if deletes:
+                    self._send_deletes(deletes)
+            except Exception:  # keep the thread alive whatever happens
+                self._count(remote_errors=1)
+            finally:
+                with self._qlock:
+                    self._inflight = {}
+                    self._inflight_bytes = 0
+                    self._busy = False
+
+    def _put_client(self, ld: _Lender) -> Client:
+        return ld.own("put", self.put_timeout)
+
+    def _send_puts(self, batch: dict[bytes, bytes]) -> None:
+        groups = self._placement.group(batch)
+        for idx, ks in groups.items():
+            ld = self.lenders[idx]
+            if not ld.health.active:
+                ld.dropped_puts += len(ks)  # only this thread writes put counters
+                self._count(remote_dropped_puts=len(ks))
+                continue
+            for i in range(0, len(ks), self.batch):
+                chunk = ks[i : i + self.batch]
+                items = [(k, self._sealer.seal(k, batch[k])) for k in chunk]
+                t = time.monotonic()
+                try:
+                    stored = self._put_client(ld).put_many(items)
+                except Exception as e:
+                    lost = len(ks) - i
+                    ld.dropped_puts += lost
+                    self._count(remote_dropped_puts=lost)
+                    self._fault(ld, e, time.monotonic() - t)
+                    break
+                ld.put_blocks += stored
+                self._count(remote_put_blocks=stored)
+
+    def _send_deletes(self, keys: list[bytes]) -> None:
+        for idx, ks in self._placement.group(keys).items():
+            ld = self.lenders[idx]
+            if not ld.health.active:
+                continue
+            t = time.monotonic()
+            try:
+                self._put_client(ld).invalidate(ks)
+            except Exception as e:
+                self._fault(ld, e, time.monotonic() - t)
+                continue
+            self._count(remote_deletes=len(ks))
+
+    # ---- health -----------------------------------------------------------------------
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.probe_interval):
+            try:
+                self._probe_all()
+            except Exception:
+                self._count(remote_errors=1)
+
+    def _probe_all(self, first: bool = False) -> None:
+        for ld in self.lenders:
+            if self._stop.is_set():
+                return
+            if ld.health.active and not first:
+                self._probe_active(ld)
+            else:
+                self._probe_inactive(ld)
+
+    def _pings(self, ld: _Lender, n: int) -> list[float]:
+        c = ld.own("probe", self.connect_timeout)
+        lat = []
+        for _ in range(n):
+            t = time.monotonic()
+            c.ping(b"memlend probe")
+            lat.append(time.monotonic() - t)
+        self._read_lender_stats(ld, c)
+        return lat
+
+    def _probe_inactive(self, ld: _Lender) -> None:
+        try:
+            lat = sorted(self._pings(ld, 5))[:-1]  # drop the slowest (first-use warm-up)
+        except Exception as e:
+            ld.drop_own("probe")
+            ld.health.probe_failed(f"{type(e).__name__}: {e}")
+            return
+        if not ld.health.fast_enough(lat):
+            ld.health.probe_failed(
+                f"probe round trips {lat[len(lat) // 2] * 1e3:.2f} ms (median)", slow=True
+            )
+            return
+        # Warm the pool so the first read does not pay for a handshake.
+        with contextlib.suppress(Exception):
+            if ld.idle() == 0:
+                ld.release(ld.connect(self.connect_timeout), ld.health.generation)
+        ld.health.reactivate(sum(lat) / len(lat))
+
+    def _probe_active(self, ld: _Lender) -> None:
+        try:
+            lat = self._pings(ld, 3)
+        except RemoteTimeout as e:  # no answer within connect_timeout: far too slow
+            ld.drop_own("probe")
+            self._count(remote_timeouts=1)
+            ld.health.probe_failed(f"probe timed out: {e}", slow=True)
+            ld.close_pool()
+            return
+        except Exception as e:
+            ld.drop_own("probe")
+            self._fault(ld, e, 0.0)
+            return
+        ld.health.probed(lat)
+
+    def _read_lender_stats(self, ld: _Lender, c: Client) -> None:
+        s = c.stats()
+        n = s.get("blocks") if ld.kind == "memlend" else s.get("curr_items")
+        ld.lender_blocks = n if isinstance(n, int) else None
+
+    # ---- exposition, shutdown -------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        with self._clock:
+            out: dict[str, Any] = dict(self.c)
+        lat = sorted(self._latencies)
+
+        def pct(q: float) -> int:
+            return int(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6) if lat else 0
+
+        with self._qlock:
+            out["remote_queued_blocks"] = len(self._pending) + len(self._inflight)
+            out["remote_queued_bytes"] = self._pending_bytes + self._inflight_bytes
+            out["remote_known_blocks"] = len(self._known)
+        out["remote_latency_us"] = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
+        out["remote_mode"] = self.mode
+        out["remote_deadline_us"] = int(self.deadline * 1e6)
+        out["lenders"] = [
+            {
+                "url": ld.url,
+                "state": ld.health.state,
+                "blocks_held": ld.lender_blocks if ld.lender_blocks is not None else ld.put_blocks,
+                "blocks_held_from": "lender stats" if ld.lender_blocks is not None else "acks",
+                "errors": ld.health.errors,
+                "timeouts": ld.health.timeouts,
+                "suspensions": ld.health.suspensions,
+                "avg_latency_us": int(ld.health.avg * 1e6),
+                "hits": ld.hits,
+                "misses": ld.misses,
+                "put_blocks": ld.put_blocks,
+                "dropped_puts": ld.dropped_puts,
+                "last_error": ld.health.last_error,
+            }
+            for ld in self.lenders
+        ]
+        return out
+
+    def close(self) -> None:
+        """Stop the threads and close every connection; queued puts are dropped."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(5)
+        for ld in self.lenders:
+            ld.close()
+
+    def __enter__(self) -> RemoteTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["ACTIVE", "DOWN", "MODES", "RemoteTier"]
