@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,3 +100,122 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 def mount(mount_factory: Callable[..., Mount]) -> Mount:
     """One mount with a small cache (1 MiB blocks would hide block-boundary bugs)."""
     return mount_factory("--cache-size", "8M", "--block-size", "4K")
+
+
+# ---- lenders: `memlend lend` daemons and memcached, killed in every path ---------------
+
+
+def free_port() -> int:
+    """A loopback port free right now (another process may take it before we do)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A fresh secret (memlend genkey format, mode 0600) shared by lenders and mounts."""
+    path = tmp_path / "lender.secret"
+    path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def seal_key_file(tmp_path: Path) -> Path:
+    """A sealing key for mounts, so tests never create /var/lib/memlend/seal.key."""
+    path = tmp_path / "seal.key"
+    path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class Lender:
+    proc: subprocess.Popen
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"memlend://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """kill -9, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def lender_factory(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., Lender]]:
+    """lender_factory(*options, port=0, secret=None, memory="64M", block_size="16K")
+    -> Lender: a foreground `memlend lend` on 127.0.0.1 (its log in tmp_path);
+    every one is killed at teardown."""
+    started: list[Lender] = []
+
+    def start(
+        *options: str,
+        port: int = 0,
+        secret: Path | None = None,
+        memory: str = "64M",
+        block_size: str = "16K",
+    ) -> Lender:
+        cmd = [*MEMLEND, "lend", "--listen", f"127.0.0.1:{port}", "--memory", memory]
+        cmd += ["--block-size", block_size, "--reserve", "64M", "--foreground"]
+        cmd += ["--secret-file", str(secret or secret_file), *options]
+        log = tmp_path / f"lender{len(started)}.log"
+        with open(log, "ab") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        lender = Lender(proc, 0)
+        started.append(lender)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, f"lender did not start: {line!r} {log.read_text()}"
+        lender.port = int(line.rsplit(":", 1)[1])
+        return lender
+
+    try:
+        yield start
+    finally:
+        for lender in started:
+            if lender.proc.poll() is None:
+                lender.proc.kill()
+            lender.proc.wait(10)
+            if lender.proc.stdout is not None:
+                lender.proc.stdout.close()
+
+
+@pytest.fixture
+def memcached_port() -> Iterator[int]:
+    """A real memcached on an ephemeral loopback port; killed at teardown."""
+    exe = shutil.which("memcached")
+    if exe is None:
+        pytest.skip("memcached is not installed")
+    proc = None
+    try:
+        for _ in range(5):
+            port = free_port()
+            cmd = [exe, "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-m", "64"]
+            if os.geteuid() == 0:
+                cmd += ["-u", "root"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            end = time.monotonic() + 5
+            while proc.poll() is None and time.monotonic() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            if proc.poll() is None:
+                break
+            proc.wait()  # port taken meanwhile: try another
+        assert proc is not None and proc.poll() is None, "memcached did not start"
+        yield port
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

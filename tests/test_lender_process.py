@@ -100,6 +100,8 @@ def test_memory_is_given_back_when_the_host_is_short(start_lender, secret, tmp_p
         str(avail),
         "--watch-interval",
         "0.1",
+        "--block-size",
+        "64K",
     )
     with connect(port, secret) as c:
         c.put_many([(b"%06d" % i, os.urandom(64 * 1024 + 29)) for i in range(900)])

@@ -99,6 +99,42 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         help="how long the kernel may cache attributes and names (default 1.0); data "
         "changes outside the mount are always seen at the next open",
     )
+    remote = p.add_argument_group("lending (the remote tier)")
+    remote.add_argument(
+        "--lender",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="send evicted blocks to this lender and read them back from it: "
+        "memlend://HOST:PORT (a `memlend lend` daemon) or memcached://HOST:PORT; repeat "
+        "for several (rendezvous hashing spreads blocks over them)",
+    )
+    remote.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="the secret shared with memlend:// lenders (`memlend genkey PATH`)",
+    )
+    remote.add_argument(
+        "--seal-key-file",
+        metavar="PATH",
+        help="key that encrypts and authenticates lent blocks; never give it to lenders "
+        "(default: created at first use in /var/lib/memlend/seal.key, or under "
+        "$XDG_STATE_HOME for non-root)",
+    )
+    remote.add_argument(
+        "--remote-deadline",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="give up on lenders after this many milliseconds and read the disk (default 2)",
+    )
+    remote.add_argument(
+        "--remote-mode",
+        choices=("inclusive", "exclusive"),
+        default="inclusive",
+        help="inclusive (default): a block read back stays on the lender, and is not sent "
+        "again; exclusive: it is deleted from the lender (docs/remote.md)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -120,6 +156,11 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         threads=args.threads,
         attr_timeout=args.attr_timeout,
         direct_io=not args.buffered_backing,
+        lenders=args.lender,
+        secret_file=args.secret_file,
+        seal_key_file=args.seal_key_file,
+        remote_deadline=args.remote_deadline / 1000,
+        remote_mode=args.remote_mode,
     )
     return check_config(cfg)
 
@@ -171,6 +212,12 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     cmd += ["--attr-timeout", str(args.attr_timeout), "--log-file", log_file]
     cmd += ["--ready-fd", str(w)] + (["--debug"] if args.debug else [])
     cmd += ["--buffered-backing"] if args.buffered_backing else []
+    for url in args.lender:
+        cmd += ["--lender", url]
+    for opt in ("secret_file", "seal_key_file"):
+        if getattr(args, opt):
+            cmd += ["--" + opt.replace("_", "-"), os.path.abspath(getattr(args, opt))]
+    cmd += ["--remote-deadline", str(args.remote_deadline), "--remote-mode", args.remote_mode]
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=devnull, stdout=log, stderr=log, pass_fds=[w], start_new_session=True
@@ -232,7 +279,40 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def lender_stats(address: str, secret_file: str) -> dict:
+    """A lender's own counters, over an authenticated connection."""
+    from memlend.remote.client import LenderClient, RemoteError, parse_address
+    from memlend.remote.secret import auth_key, hkdf, load_secret
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as e:
+        raise UserError(f"--lender: {e}") from None
+    secret = load_secret(secret_file)
+    try:
+        # An id of its own: asking for stats must not touch any mount's namespace.
+        with LenderClient((host, port), auth_key(secret), hkdf(secret, b"stats", 16)) as c:
+            return c.stats()
+    except (RemoteError, OSError) as e:
+        raise UserError(f"lender {address}: {e}") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    if args.lender:
+        if args.mountpoint:
+            raise UserError("give a MOUNTPOINT or --lender, not both")
+        if not args.secret_file:
+            raise UserError("--lender needs --secret-file")
+        stats = lender_stats(args.lender, args.secret_file)
+        if args.json:
+            print(json.dumps(stats, indent=2))
+        else:
+            from memlend.report import dict_table
+
+            dict_table(f"memlend lender {args.lender}", stats)
+        return 0
+    if not args.mountpoint:
+        raise UserError("which mount? give a MOUNTPOINT (or --lender HOST:PORT)")
     stats = read_stats(args.mountpoint)
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -284,8 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("stats", help="live counters of a running mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = sub.add_parser(
+        "stats",
+        help="live counters of a running mount, or of a lender",
+        description="`memlend stats MOUNTPOINT` shows a mount's counters; `memlend stats "
+        "--lender HOST:PORT --secret-file PATH` asks a lender for its own view (memory cap, "
+        "bytes used, clients, blocks, hits, evictions, memory given back).",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--lender", metavar="HOST:PORT", help="ask this lender instead of a mount")
+    p.add_argument("--secret-file", metavar="PATH", help="the lender's secret (with --lender)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_stats)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.table import Table
 
@@ -42,4 +44,24 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
     ]
     for k, v in rows:
         t.add_row(k, str(v))
+    if "lenders" in stats:
+        lat = stats.get("remote_latency_us", {})
+        t.add_row("remote latency p50 / p99", f"{lat.get('p50', 0)} / {lat.get('p99', 0)} us")
+        t.add_row("blocks lent / dropped", f"{stats.get('remote_put_blocks', 0)} / "
+                  f"{stats.get('remote_dropped_puts', 0)}")  # fmt: skip
+        t.add_row("remote errors / seal failures", f"{stats.get('remote_errors', 0)} / "
+                  f"{stats.get('seal_failures', 0)}")  # fmt: skip
+        for ld in stats["lenders"]:
+            t.add_row(f"lender {ld['url']}", f"{ld['state']}, {ld['blocks_held']} blocks")
+    console.print(t)
+
+
+def dict_table(title: str, stats: dict, console: Console | None = None) -> None:
+    """Any flat dict of counters as a two-column table (nested values as JSON)."""
+    console = console or Console()
+    t = Table(title=title, show_header=False)
+    t.add_column("counter", style="bold")
+    t.add_column("value", justify="right")
+    for k, v in stats.items():
+        t.add_row(k.replace("_", " "), json.dumps(v) if isinstance(v, dict | list) else str(v))
     console.print(t)

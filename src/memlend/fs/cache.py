@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from array import array
+from collections.abc import Callable
 
 from memlend.arena import Arena
 from memlend.policies import bookkeeping_bytes, make_policy
@@ -43,6 +44,9 @@ class BlockCache:
         self._index: dict[int, int] = {}  # key -> slot
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
         self._per_file: dict[int, int] = {}  # file_id -> resident blocks
+        # Called (key, data) with the lock held for each clean block evicted: the
+        # remote tier's hook. It must copy `data` (the slot is reused at once).
+        self.on_evict: Callable[[int, memoryview], None] | None = None
         stats.slots = nslots
 
     @property
@@ -108,6 +112,10 @@ class BlockCache:
         slot = self._index.get(key)
         if slot is None:
             for victim in self.policy.admit(key):
+                if self.on_evict is not None:
+                    vslot = self._index[victim]
+                    start = vslot * self.block_size
+                    self.on_evict(victim, self.arena.view[start : start + self._length[vslot]])
                 self._forget(victim)
                 self.stats.evictions += 1
             slot = self.arena.alloc()

@@ -18,18 +18,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memlend.errors import UserError
 from memlend.fs.cache import BlockCache, slots_for
 from memlend.fs.passthrough import Passthrough
 from memlend.fuse.mount import MountError, is_mountpoint, mount, unmount
 from memlend.fuse.session import Session
+from memlend.remote.client import parse_address
 from memlend.stats import MountStats
 
 log = logging.getLogger("memlend")
 
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
+PUT_QUEUE_BYTES = 16 << 20  # evicted blocks waiting for the lenders, at most
 
 
 @dataclass
@@ -42,6 +44,36 @@ class MountConfig:
     threads: int = 16
     attr_timeout: float = 1.0
     direct_io: bool = True
+    lenders: list[str] = field(default_factory=list)  # memlend:// or memcached:// URLs
+    secret_file: str | None = None  # shared with memlend:// lenders (authentication)
+    seal_key_file: str | None = None  # never leaves this host; default: seal_key_path()
+    remote_deadline: float = 0.002
+    remote_mode: str = "inclusive"
+
+
+def seal_key_path() -> str:
+    """Where the host's sealing key lives when --seal-key-file is not given."""
+    if os.geteuid() == 0:
+        return "/var/lib/memlend/seal.key"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "memlend", "seal.key")
+
+
+def load_remote_secrets(cfg: MountConfig) -> tuple[bytes | None, bytes]:
+    """(auth secret or None, this mount's seal secret); UserError if unusable.
+
+    The seal secret is derived per mountpoint from a key that stays on this host
+    (created at first use), so lenders can neither read nor forge blocks, and each
+    mountpoint keeps one namespace on the lenders across restarts."""
+    from memlend.remote.secret import hkdf, load_secret, write_secret
+
+    auth = load_secret(cfg.secret_file) if cfg.secret_file else None
+    path = cfg.seal_key_file or seal_key_path()
+    if cfg.seal_key_file is None and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_secret(path)
+    seal = hkdf(load_secret(path), b"memlend seal v1 " + cfg.mountpoint.encode())
+    return auth, seal
 
 
 def backing_fs_type(path: str) -> str:
@@ -121,6 +153,20 @@ def check_config(cfg: MountConfig) -> MountConfig:
         raise UserError(f"unknown policy {cfg.policy!r} (known: {', '.join(sorted(POLICIES))})")
     if cfg.threads < 1:
         raise UserError("--threads must be at least 1")
+    for url in cfg.lenders:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("memlend", "memcached"):
+            raise UserError(f"lender {url!r} must be memlend://HOST:PORT or memcached://HOST:PORT")
+        try:
+            parse_address(rest.rstrip("/"))
+        except ValueError as e:
+            raise UserError(f"lender {url!r}: {e}") from None
+        if scheme == "memlend" and not cfg.secret_file:
+            raise UserError(f"lender {url} needs --secret-file (the secret it was started with)")
+    if cfg.remote_mode not in ("inclusive", "exclusive"):
+        raise UserError("--remote-mode must be inclusive or exclusive")
+    if cfg.remote_deadline <= 0:
+        raise UserError("--remote-deadline must be positive")
     cfg.backing, cfg.mountpoint = backing, mnt
     return cfg
 
@@ -178,6 +224,26 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     )
     cache = BlockCache(cfg.cache_size, cfg.block_size, cfg.policy, stats)
     fs = Passthrough(cfg.backing, cache, stats, direct_io=cfg.direct_io)
+    tier = None
+    if cfg.lenders:
+        from memlend.remote.tier import RemoteTier
+
+        try:
+            auth, seal = load_remote_secrets(cfg)
+        except UserError as e:
+            ready(str(e))
+            return 2
+        # The put queue is memory too: it comes out of the daemon's fixed 64 MiB allowance.
+        tier = RemoteTier(
+            cfg.lenders, auth, seal, deadline=cfg.remote_deadline, mode=cfg.remote_mode,
+            stats=stats, queue_bytes=PUT_QUEUE_BYTES,
+        )  # fmt: skip
+        tier.clear_namespace()  # blocks of an earlier run of this mount are unreachable
+        for lender in tier.snapshot()["lenders"]:
+            if lender["state"] != "active":
+                log.warning("lender %s is %s; retrying in the background", lender["url"],
+                            lender["state"])  # fmt: skip
+        fs.attach_remote(tier)
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -219,6 +285,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     finally:
         fs.destroy()
         os.close(fd)
+        if tier is not None:
+            tier.close()
         cache.close()
     log.info("unmounted %s", cfg.mountpoint)
     return 0

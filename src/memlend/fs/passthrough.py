@@ -26,13 +26,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from memlend.fs.cache import FILE_SHIFT, BlockCache
-from memlend.fs.readpath import ReadPath
+from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
+from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
 from memlend.fuse import wire
 from memlend.fuse.api import Context, DirEntry, Operations, SetattrRequest
 from memlend.stats import MountStats
+
+if TYPE_CHECKING:
+    from memlend.remote.tier import RemoteTier
 
 log = logging.getLogger("memlend.fs")
 
@@ -113,6 +117,7 @@ class Passthrough(Operations):
         self._inodes: dict[int, Inode] = {wire.ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
+        self._by_file_id: dict[int, FileState] = {}
         self._handles: dict[int, Handle | DirHandle] = {}
         self._ids = itertools.count(wire.ROOT_ID + 1)
         self._fhs = itertools.count(1)
@@ -122,6 +127,22 @@ class Passthrough(Operations):
         self.reader = ReadPath(cache, stats, direct_io=direct_io)
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
+        self.remote: RemoteTier | None = None
+
+    # ---- the remote tier ----------------------------------------------------
+
+    def attach_remote(self, tier: RemoteTier) -> None:
+        """Lend evicted blocks to `tier` and ask it before the disk."""
+        self.remote = tier
+        self.reader.remote = tier
+        self.cache.on_evict = self._evicted
+
+    def _evicted(self, key: int, data: memoryview) -> None:
+        # Under the cache lock, so the file's version is the one `data` belongs to.
+        state = self._by_file_id.get(key >> FILE_SHIFT)
+        if state is not None and self.remote is not None:
+            rkey = remote_key(self.reader.epoch, state.file_id, state.version, key & BLOCK_MASK)
+            self.remote.put(rkey, data)
 
     # ---- inodes -----------------------------------------------------------
 
@@ -182,7 +203,7 @@ class Passthrough(Operations):
             for k, s in self._files.items()
             if k not in self._by_key and not self.cache.resident(s.file_id)
         ]:
-            del self._files[key]
+            self._by_file_id.pop(self._files.pop(key).file_id, None)
 
     # ---- cache consistency -----------------------------------------------
 
@@ -194,6 +215,7 @@ class Passthrough(Operations):
             if state is None:
                 state = FileState(next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 self._files[key] = state
+                self._by_file_id[state.file_id] = state
                 return state
         if (state.size, state.mtime_ns, state.ctime_ns) != (
             st.st_size,
@@ -221,7 +243,9 @@ class Passthrough(Operations):
             first, last = start >> self.shift, (end - 1) >> self.shift
             if last - first > _BIG_RANGE:
                 # Cheaper to give the file a new identity; old blocks age out.
+                self._by_file_id.pop(state.file_id, None)
                 state.file_id = next(self._file_ids)
+                self._by_file_id[state.file_id] = state
             else:
                 self.cache.drop_range(state.file_id, first, last)
 
@@ -511,7 +535,10 @@ class Passthrough(Operations):
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
         if nodeid == wire.ROOT_ID and name == STATS_XATTR:
-            return json.dumps(self.stats.as_dict()).encode()
+            stats = self.stats.as_dict()
+            if self.remote is not None:
+                stats.update(self.remote.snapshot())
+            return json.dumps(stats).encode()
         return os.getxattr(_proc(self._inode(nodeid).fd), name)
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:

@@ -17,6 +17,7 @@ import errno
 import logging
 import mmap
 import os
+import struct
 import threading
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,20 @@ from memlend.stats import MountStats
 
 if TYPE_CHECKING:
     from memlend.fs.passthrough import FileState
+    from memlend.remote.tier import RemoteTier
 
 log = logging.getLogger("memlend.fs")
+_REMOTE_KEY = struct.Struct(">8sQQQ")
+
+
+def remote_key(epoch: bytes, file_id: int, version: int, block: int) -> bytes:
+    """A block's name on the lenders: this mount run, the file, its version, the block.
+
+    The version makes every copy lent before a change of the file unreachable, so no
+    lender ever has to be told about writes (DESIGN.md invariant 1)."""
+    return _REMOTE_KEY.pack(epoch, file_id, version, block)
+
+
 _BIG_READ = 256 * 1024
 
 
@@ -40,6 +53,8 @@ class ReadPath:
         self.direct_io = direct_io
         self.max_request = 1 << 20
         self.readahead = ReadAhead(cache, stats, self.max_request)
+        self.remote: RemoteTier | None = None  # set by the daemon when lenders are given
+        self.epoch = os.urandom(8)  # this mount's run: remote keys never outlive it
         self._local = threading.local()
         self._warned = False
 
@@ -123,6 +138,29 @@ class ReadPath:
         end = min(end, start + size)
         return [out[start:end]] if end > start else []
 
+    def _ask_remote(
+        self,
+        file_id: int,
+        version: int,
+        first: int,
+        lens: list[int],
+        out: memoryview,
+        fetched: list[tuple[int, int]],
+    ) -> None:
+        """Fill what the lenders hold of the missing blocks: one batch for them all."""
+        bs, epoch = self.bs, self.epoch
+        wanted = {
+            remote_key(epoch, file_id, version, first + k): k for k, n in enumerate(lens) if n < 0
+        }
+        for key, data in self.remote.get_many(list(wanted)).items():
+            k = wanted[key]
+            n = len(data)
+            if n > bs:
+                continue  # not a block of ours: the backing store answers instead
+            out[k * bs : k * bs + n] = data
+            lens[k] = n
+            fetched.append((k, n))
+
     def _fill_misses(
         self,
         fd: int,
@@ -137,6 +175,8 @@ class ReadPath:
         bs = self.bs
         i, count = 0, len(lens)
         fetched: list[tuple[int, int]] = []  # (index in request, valid bytes)
+        if self.remote is not None:
+            self._ask_remote(state.file_id, version, first, lens, out, fetched)
         while i < count:
             if lens[i] >= 0:
                 i += 1

@@ -17,7 +17,7 @@ from memlend.errors import UserError
 from memlend.sizes import parse_size
 
 DEFAULT_POLICY = "s3fifo"  # memlend.cli.DEFAULT_POLICY; cli passes its own to be sure
-DEFAULT_BLOCK = "64K"
+DEFAULT_BLOCK = "16K"  # the mount's default block size: one block per slot
 
 
 def add_genkey_arguments(parser: argparse.ArgumentParser) -> None:

@@ -419,6 +419,22 @@ class RemoteTier:
         with self._qlock:
             self._known.clear()
 
+    def clear_namespace(self) -> None:
+        """Drop everything this client holds on its memlend lenders (a restarted mount's
+        old blocks are unreachable under its new keys; this gives their memory back).
+        memcached has no such call: there the old blocks age out."""
+        for ld in self.lenders:
+            if ld.kind != "memlend" or ld.health.state != ACTIVE:
+                continue
+            try:
+                c = ld.connect(self.connect_timeout)
+                try:
+                    c.invalidate_all()
+                finally:
+                    c.close()
+            except Exception as e:  # a fault only costs memory on the lender
+                self._fault(ld, e, 0.0)
+
     # ---- inclusive mode: keys known to be on a lender -----------------------------------
 
     def remember_fetched(self, *keys: bytes) -> None:
