@@ -70,10 +70,6 @@ class Arena:
         self._map.madvise(mmap.MADV_DONTNEED, slot * self.slot_size, self.slot_size)
         self._free.append(slot)
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
     def slot(self, slot: int) -> memoryview:
         start = slot * self.slot_size
         return self.view[start : start + self.slot_size]

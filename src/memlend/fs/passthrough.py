@@ -76,7 +76,6 @@ class FileState:
 class Inode:
     fd: int  # O_PATH descriptor of the backing inode
     key: tuple[int, int]  # (st_dev, st_ino)
-    is_dir: bool
     nlookup: int = 1
 
 
@@ -113,7 +112,7 @@ class Passthrough(Operations):
         self.shift = self.bs.bit_length() - 1
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
-        self._root = Inode(root_fd, (st.st_dev, st.st_ino), True, nlookup=1 << 62)
+        self._root = Inode(root_fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
         self._inodes: dict[int, Inode] = {wire.ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
@@ -162,7 +161,7 @@ class Passthrough(Operations):
                 os.close(fd)
                 return nodeid
             nodeid = next(self._ids)
-            self._inodes[nodeid] = Inode(fd, key, stat.S_ISDIR(st.st_mode))
+            self._inodes[nodeid] = Inode(fd, key)
             self._by_key[key] = nodeid
             return nodeid
 
@@ -567,6 +566,3 @@ def _dtype(e: os.DirEntry[str]) -> int:
         return 8  # DT_REG
     return 0  # DT_UNKNOWN: the kernel stats it when asked
 
-
-def block_key(state: FileState, block: int) -> int:
-    return (state.file_id << FILE_SHIFT) | block

@@ -24,7 +24,6 @@ from memlend.fuse.wire import Op
 
 log = logging.getLogger("memlend.fuse")
 
-Payload = Sequence[bytes | memoryview] | bytes | None
 NO_REPLY = object()  # FORGET and INTERRUPT must not be answered
 
 _HDR = wire.IN_HEADER.size
