@@ -145,7 +145,9 @@ def cost_table(runs: list[TraceRun], policies: list[str], sizes: list[str]) -> s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trace_dir", nargs="?", default="/work/shared/traces")
+    # shared/ lies beside the project's checkout (src/memlend/bench/ -> ../../../..).
+    default_dir = Path(__file__).resolve().parents[4] / "shared" / "traces"
+    ap.add_argument("trace_dir", nargs="?", default=str(default_dir))
     ap.add_argument("--plot", help="write miss-ratio curves to this PNG")
     ap.add_argument("--repeat", type=int, default=3, help="timing runs per replay")
     ap.add_argument("--policy", default=None, help="policies (default: all)")
