@@ -98,10 +98,15 @@ def test_set_allowed_gives_memory_back_and_grows_again() -> None:
         st.put(a, b"%d" % i, b"x" * SLOT)
     given = st.set_allowed(8)
     assert given == 24 * SLOT and st.used == 8 and st.given_back == given
-    assert not st.put(a, b"new", b"x")  # no new blocks while the host is short
-    check(st)
-    st.set_allowed(32)
+    # While the host is short a new block only replaces the client's oldest: the
+    # lender's contents follow the client, its memory does not grow.
     assert st.put(a, b"new", b"x")
+    assert st.used == 8 and bytes(st.get(a, b"new")) == b"x" and st.get(a, b"24") is None
+    check(st)
+    b = st.namespace(b"b")
+    assert not st.put(b, b"k", b"x")  # a client holding nothing gets nothing meanwhile
+    st.set_allowed(32)
+    assert st.put(b, b"k", b"x") and st.used == 9
     check(st)
 
 
@@ -113,12 +118,13 @@ def test_watcher_follows_the_memory_source() -> None:
     avail = [100 * SLOT]
     w = Watcher(st, lambda: avail[0], reserve=50 * SLOT)
     assert w.check() == 0 and st.used == 64
-    avail[0] = 40 * SLOT  # 10 slots short
-    assert w.check() == 10 * SLOT
-    assert st.used == 54 and st.allowed == 54
+    avail[0] = 40 * SLOT  # 10 slots short: those, plus the hysteresis margin
+    margin = -(-(10 * SLOT + w.hysteresis) // SLOT) - 10
+    assert w.check() == (10 + margin) * SLOT
+    assert st.used == st.allowed == 54 - margin
     avail[0] = 50 * SLOT  # at the reserve, inside the hysteresis: stay
     w.check()
-    assert st.allowed == 54
+    assert st.allowed == 54 - margin
     avail[0] = 200 * SLOT
     w.check()
     assert st.allowed == 64

@@ -565,4 +565,3 @@ def _dtype(e: os.DirEntry[str]) -> int:
     if e.is_file(follow_symlinks=False):
         return 8  # DT_REG
     return 0  # DT_UNKNOWN: the kernel stats it when asked
-

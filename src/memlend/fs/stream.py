@@ -110,10 +110,14 @@ class ReadAhead:
         ahead = stream.ahead
         while ahead and ahead[0].offset < start:
             ahead.popleft()  # windows the reader has moved past
-        if ahead and ahead[0].offset != start:
-            ahead.clear()  # a jump forward: start over from here
+        if ahead and ahead[0].offset not in (start, start + wsize):
+            # A jump back: start over from here. (The window right after this one is
+            # where read-ahead starts while the reader is still in the window that
+            # made it a stream, or in one served from the cache: keep it, or every
+            # request of that window would read the windows after it again.)
+            ahead.clear()
         result = None
-        if ahead:
+        if ahead and ahead[0].offset == start:
             w = ahead[0]
             w.ready.wait()
             if w.nbytes >= 0 and w.version == state.version:

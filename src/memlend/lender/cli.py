@@ -102,7 +102,7 @@ def add_lend_arguments(
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     # Tests fake the host's available memory with a file holding a byte count.
     parser.add_argument("--memory-source-file", help=argparse.SUPPRESS)
-    parser.add_argument("--watch-interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    parser.add_argument("--watch-interval", type=float, default=0.1, help=argparse.SUPPRESS)
 
 
 def _bind(listen: str) -> socket.socket:
@@ -193,7 +193,14 @@ def run_lend(args: argparse.Namespace) -> int:
         busy_poll_us=args.busy_poll_us,
         watch_interval=args.watch_interval,
     )
-    server = srv.LenderServer(sock, store, auth_key(secret), cfg, w.Watcher(store, source, reserve))
+    server = srv.LenderServer(
+        sock,
+        store,
+        auth_key(secret),
+        cfg,
+        w.Watcher(store, source, reserve),
+        watcher_events=not args.memory_source_file,
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     logging.getLogger("memlend.lender").info(

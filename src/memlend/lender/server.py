@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from memlend.lender.store import Namespace, Store
-from memlend.lender.watcher import Watcher
+from memlend.lender.watcher import Watcher, cgroup_pressure_fd
 from memlend.remote import protocol as p
 
 log = logging.getLogger("memlend.lender")
@@ -41,7 +41,7 @@ class ServerConfig:
     frame_timeout: float = 10.0  # a started frame must complete within this
     max_connections: int = 64
     busy_poll_us: int = 50
-    watch_interval: float = 0.2
+    watch_interval: float = 0.1
 
 
 @dataclass
@@ -59,6 +59,10 @@ class _Client:
     closing: bool = False
 
 
+URGENT_SECONDS = 2.0  # after a cgroup pressure event, watch closely this long
+URGENT_INTERVAL = 0.01
+
+
 class LenderServer:
     def __init__(
         self,
@@ -67,7 +71,10 @@ class LenderServer:
         auth_key: bytes,
         config: ServerConfig | None = None,
         watcher: Watcher | None = None,
+        watcher_events: bool = False,
     ) -> None:
+        """`watcher_events`: also wake the watcher on cgroup threshold notifications
+        (only meaningful with the real memory source)."""
         self.sock = sock
         self.store = store
         self.auth_key = auth_key
@@ -87,6 +94,12 @@ class LenderServer:
         sock.setblocking(False)
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._pressure_fd = None
+        self._urgent_until = 0.0
+        if watcher is not None and watcher_events:
+            self._pressure_fd = cgroup_pressure_fd(watcher.reserve)
+            if self._pressure_fd is not None:
+                self.sel.register(self._pressure_fd, selectors.EVENT_READ, "pressure")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -109,7 +122,8 @@ class LenderServer:
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(now)
-                    next_tick = now + self.cfg.watch_interval
+                    urgent = now < self._urgent_until
+                    next_tick = now + (URGENT_INTERVAL if urgent else self.cfg.watch_interval)
                 events = self.sel.select(max(0.0, next_tick - now))
                 while events:
                     self._dispatch(events)
@@ -138,6 +152,14 @@ class LenderServer:
             elif key.data == "wake":
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 4096)
+            elif key.data == "pressure":  # the cgroup crossed limit - reserve: act now
+                with contextlib.suppress(OSError):
+                    os.eventfd_read(self._pressure_fd)
+                now = time.monotonic()
+                # The event fires once per crossing; while the neighbour keeps growing
+                # above the line, look again every 10 ms for a while.
+                self._urgent_until = now + URGENT_SECONDS
+                self._tick(now)
             else:
                 c = key.data
                 if mask & selectors.EVENT_WRITE:
@@ -332,6 +354,8 @@ class LenderServer:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(self.sock)
         self.sel.close()
+        if self._pressure_fd is not None:
+            os.close(self._pressure_fd)
         self.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

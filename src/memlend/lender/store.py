@@ -139,8 +139,13 @@ class Store:
                 self._dirty_free.discard(slot)
                 self.used += 1
             elif self.allowed < self.slots:
-                self.refused += 1  # the host wants its memory back: store nothing new
-                return False
+                if not ns.entries:
+                    self.refused += 1  # the host wants its memory back: take no more
+                    return False
+                # Short of memory: a new block may still replace this client's oldest,
+                # which costs nothing more, so the contents do not freeze meanwhile.
+                slot = self._drop(ns, next(iter(ns.entries)), release=False)
+                self.evictions += 1
             else:
                 slot = None  # full: the policy's victim hands over its slot
             ns.entries[key] = (-1, 0, b"")

@@ -401,6 +401,15 @@ class RemoteTier:
             self._delete_later(fetched)
         else:
             self.remember_fetched(*fetched)
+            if self._known:
+                # A lender that answered without a valid copy does not hold the block
+                # (it dropped it, e.g. when its host wanted the memory back): forget
+                # that it did, or every later eviction of it is skipped for good.
+                missed = [k for _, ks, _ in opened for k in ks if k not in found]
+                if missed:
+                    with self._qlock:
+                        for k in missed:
+                            self._known.pop(k, None)
 
     def _fault(self, ld: _Lender, e: BaseException, elapsed: float) -> None:
         if isinstance(e, RemoteTimeout):
