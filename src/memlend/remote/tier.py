@@ -50,6 +50,7 @@ miss.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -63,6 +64,8 @@ from memlend.remote.memcached import MemcachedClient
 from memlend.remote.placement import Rendezvous
 from memlend.remote.sealing import Sealer, SealError, client_id_for
 from memlend.remote.secret import auth_key
+
+log = logging.getLogger("memlend.remote")
 
 MODES = ("inclusive", "exclusive")
 # A pooled connection unused this long is closed rather than used: the lender may
@@ -132,6 +135,7 @@ class _Lender:
         self.put_blocks = 0
         self.dropped_puts = 0
         self.lender_blocks: int | None = None
+        self.warned_size = False
 
     def connect(self, timeout: float) -> Client:
         t = self.tier
@@ -565,7 +569,9 @@ class RemoteTier:
                 items = [(k, self._sealer.seal(k, batch[k])) for k in chunk]
                 t = time.monotonic()
                 try:
-                    stored = self._put_client(ld).put_many(items)
+                    c = self._put_client(ld)
+                    self._check_fits(ld, c, items)
+                    stored = c.put_many(items)
                 except Exception as e:
                     lost = len(ks) - i
                     ld.dropped_puts += lost
@@ -573,7 +579,21 @@ class RemoteTier:
                     self._fault(ld, e, time.monotonic() - t)
                     break
                 ld.put_blocks += stored
-                self._count(remote_put_blocks=stored)
+                ld.dropped_puts += len(chunk) - stored  # refused by the lender
+                self._count(remote_put_blocks=stored, remote_dropped_puts=len(chunk) - stored)
+
+    @staticmethod
+    def _check_fits(ld: _Lender, c: Client, items: list[tuple[bytes, bytes]]) -> None:
+        """Say once, loudly, when a lender's slots are too small for our blocks: it
+        would otherwise be 'active' and silently store nothing."""
+        biggest = max(len(v) for _, v in items)
+        if biggest > c.max_value and not ld.warned_size:
+            ld.warned_size = True
+            log.warning(
+                "lender %s stores at most %d bytes per block but this mount's sealed "
+                "blocks take %d: start it with --block-size equal to the mount's",
+                ld.url, c.max_value, biggest,
+            )  # fmt: skip
 
     def _send_deletes(self, keys: list[bytes]) -> None:
         for idx, ks in self._placement.group(keys).items():
