@@ -45,6 +45,7 @@ MiB = 1 << 20
 SERVER_CPU = 0
 PINNINGS = {"same": 0, "cross": 1}  # reader CPU; the server is always on SERVER_CPU
 BLOCK_SIZES = ["4K", "16K", "64K", "256K"]
+THREADS = 16  # memlend mount's default --threads
 GOAL = 1.5  # the issue: memlend within 1.5x of the minimal C server
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -66,7 +67,7 @@ class Plan:
     rss_random_reads: int = 20000
     rand_cache: str = "128M"
     rand_reads: int = 4000
-    default_block: str = "64K"
+    default_block: str = "16K"
     block_sizes: list[str] = field(default_factory=lambda: list(BLOCK_SIZES))
 
 
@@ -90,7 +91,7 @@ def _default_block() -> str:
 
         return DEFAULT_BLOCK
     except ImportError:  # pragma: no cover
-        return "64K"
+        return "16K"
 
 
 def _size_bytes(text: str) -> int:
@@ -150,7 +151,7 @@ class Bench:
         rates = _mbps(res)[1:]
         return {"mbps": _med(rates), "passes_mbps": rates, "reader_cpu": cpu}
 
-    def _memlend(self, block: str, cache: str, threads: int = 4) -> ft.Memlend:
+    def _memlend(self, block: str, cache: str, threads: int = THREADS) -> ft.Memlend:
         return ft.Memlend(
             self.backing,
             self.mnt,
@@ -219,10 +220,10 @@ class Bench:
                     else:
                         seq[f"minimal/{pin}"] = self._seq_cached(srv.path, cpu)
 
-        variants = [(bs, 4) for bs in self.plan.block_sizes]
+        variants = [(bs, THREADS) for bs in self.plan.block_sizes]
         variants.append((self.plan.default_block, 1))
         for bs, threads in variants:
-            tag = f"memlend-{bs}" + ("" if threads == 4 else f"-t{threads}")
+            tag = f"memlend-{bs}" + ("" if threads == THREADS else f"-t{threads}")
             console.print(f"[bold]cached reads: memlend --block-size {bs} --threads {threads}")
             with self._memlend(bs, self.plan.cached_cache, threads) as m:
                 pins[tag] = m.pin(SERVER_CPU)
@@ -231,12 +232,12 @@ class Bench:
                     raise RuntimeError(f"{tag} returned wrong data")
                 # Load both files into memlend's cache before anything is timed.
                 ft.run_reader(self.tools, 1, mlat, "seq")
-                if threads == 4:
+                if threads == THREADS:
                     ft.run_reader(self.tools, 1, mseq, "seq")
                 before = m.stats()
                 for pin, cpu in PINNINGS.items():
                     lat[f"{tag}/{pin}"] = self._lat(mlat, cpu)
-                    if threads == 4:
+                    if threads == THREADS:
                         seq[f"{tag}/{pin}"] = self._seq_cached(mseq, cpu)
                 after = m.stats()
                 disk = after["disk_read_bytes"] - before["disk_read_bytes"]

@@ -92,7 +92,7 @@ def in_process(backing: Path, name: str, block: int, reads: int) -> dict[str, fl
         offs = [rnd.randrange(size // 4096) * 4096 for _ in range(2000)]
         base = state_base = h.state.file_id << 40
         shift = block.bit_length() - 1
-        out = fs.reader._buffer()
+        out = fs.reader._new_buffer()
         reply = [wire.OUT_HEADER.pack(16 + 4096, 0, 1), out[:4096]]
 
         def per_req(fn) -> float:

@@ -329,8 +329,8 @@ class Memlend:
         *,
         cache_size: str,
         block_size: str,
-        threads: int = 4,
-        policy: str = "s3fifo",
+        threads: int | None = None,  # None: the mount's own defaults
+        policy: str | None = None,
         log_file: Path | None = None,
     ) -> None:
         self.backing, self.mountpoint = str(backing), str(mountpoint)
@@ -348,8 +348,9 @@ class Memlend:
 
     def __enter__(self) -> Memlend:
         args = ["mount", self.backing, self.mountpoint, "--cache-size", self.cache_size]
-        args += ["--block-size", self.block_size, "--policy", self.policy]
-        args += ["--threads", str(self.threads)]
+        args += ["--block-size", self.block_size]
+        args += ["--policy", self.policy] if self.policy else []
+        args += ["--threads", str(self.threads)] if self.threads else []
         if self.log_file:
             args += ["--log-file", str(self.log_file)]
         _mounts.append(self.mountpoint)

@@ -446,7 +446,9 @@ class Passthrough(Operations):
         return h
 
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> list[memoryview]:
-        h = self._handle(fh)
+        h = self._handles.get(fh)
+        if type(h) is not Handle:  # _handle(), inline: the hot path
+            raise OSError(errno.EBADF, "bad file handle")
         if h.direct_fd < 0:
             h.direct_fd = self.reader.open_for_reading(h.inode.fd, h.fd)
         return self.reader.read(h.direct_fd, h.state, offset, size, h.direct_fd == h.fd, h.stream)

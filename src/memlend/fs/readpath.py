@@ -22,7 +22,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import FILE_SHIFT, BlockCache
-from memlend.fs.stream import ReadAhead, Stream
+from memlend.fs.stream import STREAM_AFTER, STREAM_MIN, ReadAhead, Stream
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
@@ -71,14 +71,13 @@ class ReadPath:
                     self._warned = True
         return fallback_fd
 
-    def _buffer(self) -> memoryview:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            size = self.max_request + 2 * self.bs
-            # mmap: page aligned, so slices at block offsets suit O_DIRECT.
-            self._local.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            buf = self._local.buf = memoryview(self._local.map)
-            self._local.big = False
+    def _new_buffer(self) -> memoryview:
+        """This worker thread's reply buffer, made on its first read."""
+        size = self.max_request + 2 * self.bs
+        # mmap: page aligned, so slices at block offsets suit O_DIRECT.
+        self._local.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = self._local.buf = memoryview(self._local.map)
+        self._local.big = False
         return buf
 
     def read(
@@ -92,25 +91,40 @@ class ReadPath:
     ) -> list[memoryview]:
         # Nothing is read, nor counted as a miss, past the end of file as last seen
         # (at open, getattr, or our own write): readers probe it on every file.
-        size = min(size, self.max_request, state.size - offset)
+        # (Plain comparisons, not min(): this is the hot path of every cached read.)
+        if size > state.size - offset:
+            size = state.size - offset
+        if size > self.max_request:
+            size = self.max_request
         if size <= 0:
             return []
-        if (
-            stream is not None
-            and stream.note(offset, size)
-            and not buffered
-            and stream.lock.acquire(blocking=False)  # one request of a stream at a time
-        ):
-            try:
-                parts = self.readahead.serve(fd, state, offset, size, stream)
-            finally:
-                stream.lock.release()
-            if parts is not None:
-                return parts
+        if stream is not None:
+            # Stream detection, inline for the same reason. A small request that
+            # continues a stream (the kernel splits unaligned buffers) neither starts
+            # nor breaks one.
+            if offset != stream.next:
+                stream.run = 0
+            elif size >= STREAM_MIN:
+                stream.run += 1
+            stream.next = offset + size
+            if (
+                stream.run >= STREAM_AFTER
+                and not buffered
+                and stream.lock.acquire(blocking=False)  # one request of a stream at a time
+            ):
+                try:
+                    parts = self.readahead.serve(fd, state, offset, size, stream)
+                finally:
+                    stream.lock.release()
+                if parts is not None:
+                    return parts
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
-        out = self._buffer()
         local = self._local
+        try:
+            out = local.buf
+        except AttributeError:
+            out = self._new_buffer()
         if local.big and size <= _BIG_READ:
             # The last reply was big; it is sent by now: hand its pages back.
             local.map.madvise(mmap.MADV_DONTNEED)

@@ -61,17 +61,6 @@ class Stream:
         self.done: list[Future | None] = [None] * NBUF  # last task per buffer
         self.turn = 0
 
-    def note(self, offset: int, size: int) -> bool:
-        """Record a request; True once the handle reads sequentially in large requests
-        (a small request that continues a stream, as the kernel splits unaligned
-        buffers, neither starts nor breaks one)."""
-        if offset != self.next:
-            self.run = 0
-        elif size >= STREAM_MIN:
-            self.run += 1
-        self.next = offset + size
-        return self.run >= STREAM_AFTER
-
 
 class ReadAhead:
     def __init__(self, cache: BlockCache, stats: MountStats, max_request: int) -> None:
@@ -97,9 +86,16 @@ class ReadAhead:
         start = offset - offset % wsize
         if (offset + size - 1) // wsize != offset // wsize:
             return None
-        base = state.file_id << FILE_SHIFT
-        if self._cached(base, offset >> self.shift):
-            return None  # a re-read of cached data: the cache is faster than any disk
+        ahead = stream.ahead
+        while ahead and ahead[0].offset < start:
+            ahead.popleft()  # windows the reader has moved past
+        mine = bool(ahead) and ahead[0].offset == start
+        # Without a window of its own, a request for cached data is a re-read: the cache
+        # is faster than any disk, and reading ahead would only re-read it. (With one,
+        # the window serves it even if its blocks reached the cache meanwhile, or the
+        # read-ahead would stall every time its own inserts got there first.)
+        if not mine and self._cached(state.file_id << FILE_SHIFT, offset >> self.shift):
+            return None
         if not stream.maps:
             if not self._slots.acquire(blocking=False):
                 return None  # too many streams already: no buffers for this one
@@ -107,9 +103,6 @@ class ReadAhead:
                 mmap.mmap(-1, wsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 for _ in range(NBUF)
             ]
-        ahead = stream.ahead
-        while ahead and ahead[0].offset < start:
-            ahead.popleft()  # windows the reader has moved past
         if ahead and ahead[0].offset not in (start, start + wsize):
             # A jump back: start over from here. (The window right after this one is
             # where read-ahead starts while the reader is still in the window that
