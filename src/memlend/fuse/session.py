@@ -28,7 +28,6 @@ NO_REPLY = object()  # FORGET and INTERRUPT must not be answered
 
 _HDR = wire.IN_HEADER.size
 _BIG_REQUEST = 256 * 1024
-MAX_IDLE = 2  # idle workers kept waiting; more end after their request
 _READ = int(Op.READ)
 _READ_ARGS = struct.Struct("<QQI")  # fh offset size: the head of fuse_read_in
 _OUT = wire.OUT_HEADER
@@ -56,11 +55,7 @@ class Session:
         self.proto_minor = 0
         self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
-        self._pool_lock = threading.Lock()
-        self._alive = 0  # live workers (under _pool_lock)
-        self._idle = 0  # workers waiting in readv (approximate, see start())
-        self._serial = 0
-        self._finished = threading.Event()
+        self._workers: list[threading.Thread] = []
         self._handlers: dict[int, Callable[..., object]] = {
             Op.LOOKUP: self._lookup,
             Op.FORGET: self._forget,
@@ -147,45 +142,17 @@ class Session:
         self._reply(unique, [out])
         self.ops.init(self)
 
-    # Workers come and go with the load, between 1 and `threads`. The kernel wakes
-    # the reader of /dev/fuse that has waited longest, so with 16 idle workers every
-    # request lands on a different, cache-cold thread: a cached 4 KiB read then cost
-    # 13.0 us against 12.4 us with one worker (docs/benchmarks.md). So a worker that
-    # takes the last idle slot starts another one (up to `threads`), and a worker
-    # that finds MAX_IDLE others idle after a request ends (as libfuse's
-    # max_idle_threads). The idle count is bumped without a lock on the hot path: it
-    # only steers these decisions; the live count, which must never reach 0 while
-    # mounted, is kept under the lock.
-
     def start(self) -> None:
-        self._spawn()
-
-    def _spawn(self) -> None:
-        with self._pool_lock:
-            if self._alive >= self.threads:
-                return
-            self._alive += 1
-            self._serial += 1
-            name = f"fuse-{self._serial}"
-        threading.Thread(target=self._worker, name=name, daemon=True).start()
-
-    def _retire(self) -> bool:
-        """True if this worker should end now that it is idle again."""
-        with self._pool_lock:
-            if self._idle >= MAX_IDLE and self._alive > 1:
-                self._alive -= 1
-                return True
-        return False
-
-    def _ended(self) -> None:
-        with self._pool_lock:
-            self._alive -= 1
-            if self._alive <= 0:
-                self._finished.set()
+        for i in range(self.threads):
+            t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the workers to end (after unmount); True if they all did."""
-        return self._finished.wait(timeout)
+        for t in self._workers:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self._workers)
 
     def notify_inval_inode(self, nodeid: int, offset: int = 0) -> None:
         """Tell the kernel to drop its cached attributes of `nodeid`, and its cached
@@ -214,36 +181,22 @@ class Session:
         # mmap, not bytearray: pages are only taken when a request needs them, and
         # given back after a big one, so idle workers cost (almost) no memory.
         buf = mmap.mmap(-1, self._bufsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        retired = False
-        try:
-            retired = self._serve(buf, memoryview(buf))
-        finally:
-            if not retired:  # a retiring worker was counted out by _retire()
-                self._ended()
-
-    def _serve(self, buf: mmap.mmap, view: memoryview) -> bool:
-        """Serve requests until unmounted (False) or retired (True)."""
+        view = memoryview(buf)
         handlers = self._handlers
         unpack = wire.IN_HEADER.unpack_from
         read_args = _READ_ARGS.unpack_from
         ops_read = self.ops.read
         pack_out = _OUT.pack
         fd = self.fd
-        bufs = [buf]
         while True:
-            self._idle += 1
             try:
-                n = os.readv(fd, bufs)
+                n = os.readv(fd, [buf])
             except OSError as e:
-                self._idle -= 1
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # ENOENT: the request was interrupted before we got it
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted, the normal end
                     log.error("reading /dev/fuse failed: %s", e)
-                return False
-            self._idle -= 1
-            if self._idle <= 0:
-                self._spawn()  # nobody left waiting: the next request needs a worker
+                return
             _, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack(buf, 0)
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
@@ -256,8 +209,6 @@ class Session:
                 except Exception:
                     log.exception("READ failed")
                     self._reply_error(unique, errno.EIO)
-                if self._idle >= MAX_IDLE and self._retire():
-                    return True
                 continue
             handler = handlers.get(opcode)
             if handler is None:
@@ -281,8 +232,6 @@ class Session:
                 self._reply(unique, result)
             if n > _BIG_REQUEST:
                 buf.madvise(mmap.MADV_DONTNEED)  # request done: give its pages back
-            if self._idle >= MAX_IDLE and self._retire():
-                return True
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
         size = _OUT.size + sum(len(p) for p in payload)
