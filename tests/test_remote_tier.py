@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -72,44 +70,6 @@ def lenders(tmp_path: Path, secret: bytes) -> Iterator[Callable[..., tuple[subpr
                 proc.stdout.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def memcached() -> Iterator[int]:
-    """A real memcached on an ephemeral port; killed at teardown."""
-    exe = shutil.which("memcached")
-    if exe is None:
-        pytest.skip("memcached is not installed")
-    proc = None
-    try:
-        for _ in range(5):
-            port = free_port()
-            cmd = [exe, "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-m", "64"]
-            if os.geteuid() == 0:
-                cmd += ["-u", "root"]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            end = time.monotonic() + 5
-            while proc.poll() is None and time.monotonic() < end:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.02)
-            if proc.poll() is None:
-                break
-            proc.wait()  # port taken meanwhile: try another
-        assert proc is not None and proc.poll() is None, "memcached did not start"
-        yield port
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
 def blocks(n: int, size: int = 4096, tag: bytes = b"") -> dict[bytes, bytes]:
     """n 32-byte keys (epoch | file | version | block) with distinct contents."""
     out = {}
@@ -140,8 +100,8 @@ def test_put_then_get_through_a_lender(lenders, secret) -> None:
         wait_for(lambda: tier.snapshot()["lenders"][0]["blocks_held"] == 100, 3, "STATS")
 
 
-def test_put_then_get_through_memcached_and_namespaces(memcached) -> None:
-    url = f"memcached://127.0.0.1:{memcached}"
+def test_put_then_get_through_memcached_and_namespaces(memcached_port) -> None:
+    url = f"memcached://127.0.0.1:{memcached_port}"
     with (
         RemoteTier([url], None, SEAL, deadline=0.5, **LOOSE) as a,
         RemoteTier([url], None, os.urandom(32), deadline=0.5, **LOOSE) as b,

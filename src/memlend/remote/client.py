@@ -1,40 +1,25 @@
-"""A small blocking client for one lender (used by tests and, later, by the mount).
+"""A small blocking client for one lender (the remote tier's, tests', `memlend stats`).
 
 Every call has a deadline (`timeout`); on a timeout, a refused handshake, a broken
 connection or a malformed reply it raises RemoteError and the client is closed:
 the caller treats that as "not in the remote tier" and reads the backing store
 (invariant 2). Reconnecting is the caller's decision.
 
-Adaptive busy-polling: after sending a request the client spins on a
-non-blocking receive for up to `busy_poll_us` before sleeping in poll(). A reply
-that arrives while spinning avoids a cross-CPU wake-up, the dominant cost of a
-round trip on these VMs (docs/remote.md); the client's caller is blocked anyway.
-When replies stop arriving within the spin (a slow network, or a lender sharing
-this CPU, where spinning only delays it), spinning pauses for a while.
+Adaptive busy-polling (sockio.SpinSocket): after sending a request the client
+spins on a non-blocking receive for up to `busy_poll_us` before sleeping in poll();
+the client's caller is blocked anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import select
-import socket
 import time
 from collections.abc import Iterable, Sequence
 
 from memlend.remote import protocol as p
+from memlend.remote.sockio import RemoteAuthError, RemoteError, RemoteTimeout, SpinSocket
 
-
-class RemoteError(Exception):
-    """The lender could not answer (network, timeout, protocol); treat as a miss."""
-
-
-class RemoteAuthError(RemoteError):
-    """The handshake failed: the lender and this client have different secrets."""
-
-
-class RemoteTimeout(RemoteError):
-    """The lender did not answer before the deadline."""
+__all__ = ["LenderClient", "RemoteAuthError", "RemoteError", "RemoteTimeout", "parse_address"]
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -47,7 +32,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class LenderClient:
+class LenderClient(SpinSocket):
     def __init__(
         self,
         address: tuple[str, int],
@@ -57,22 +42,15 @@ class LenderClient:
         timeout: float = 2.0,
         busy_poll_us: int = 200,
     ) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.busy_poll_ns = busy_poll_us * 1000
-        self._spin_score = 1.0  # moving average of "reply arrived while spinning"
-        self._spin_pause = 0  # calls left without spinning
+        super().__init__(address, timeout, busy_poll_us)
         self._conn = p.ClientConnection(auth_key, client_id)
         self._ids = itertools.count(1)
         self._events: list[p.Event] = []
         self.max_value = 0
         self.max_keys = p.MAX_KEYS
-        self._sock: socket.socket | None = None
         deadline = time.monotonic() + timeout
         try:
-            self._sock = socket.create_connection(address, timeout=timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setblocking(False)
+            self._connect()
             self._send(self._conn.send_hello())
             self._expect(p.ServerVerified, deadline)
             self._send(self._conn.send_auth())
@@ -87,64 +65,8 @@ class LenderClient:
 
     # ---- plumbing -----------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def __enter__(self) -> LenderClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _send(self, data: bytes) -> None:
-        sock = self._require()
-        view = memoryview(data)
-        deadline = time.monotonic() + self.timeout
-        while view:
-            try:
-                n = sock.send(view)
-            except BlockingIOError:
-                self._wait(select.POLLOUT, deadline)
-                continue
-            view = view[n:]
-
-    def _require(self) -> socket.socket:
-        if self._sock is None:
-            raise RemoteError("connection closed")
-        return self._sock
-
-    def _wait(self, what: int, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RemoteTimeout(f"lender {self.address[0]}:{self.address[1]} timed out")
-        poller = select.poll()
-        poller.register(self._require(), what)
-        poller.poll(left * 1000)
-
     def _recv_some(self, deadline: float, spin: bool = False) -> None:
-        sock = self._require()
-        spin_until = time.perf_counter_ns() + (self.busy_poll_ns if spin else 0)
-        slept = False
-        while True:
-            try:
-                data = sock.recv(1 << 20)
-                break
-            except BlockingIOError:
-                if time.perf_counter_ns() < spin_until:
-                    continue
-                slept = True
-                self._wait(select.POLLIN, deadline)
-        if spin:
-            self._adapt(not slept)
-        if not data:
-            raise RemoteError("lender closed the connection")
+        data = self._recv(deadline, spin)
         try:
             self._events.extend(self._conn.receive_data(data))
         except p.AuthError as e:
@@ -152,18 +74,8 @@ class LenderClient:
         except p.ProtocolError as e:
             raise RemoteError(f"bad reply from lender: {e}") from None
 
-    def _adapt(self, hit: bool) -> None:
-        self._spin_score = 0.9 * self._spin_score + (0.1 if hit else 0.0)
-        if self._spin_score < 0.3:
-            self._spin_pause, self._spin_score = 256, 0.6
-
     def _expect(self, kind: type, deadline: float, request_id: int | None = None):
-        spin = False
-        if request_id is not None and self.busy_poll_ns:
-            if self._spin_pause:
-                self._spin_pause -= 1
-            else:
-                spin = True
+        spin = request_id is not None and self._spin()
         while True:
             while self._events:
                 ev = self._events.pop(0)

@@ -30,14 +30,11 @@ round trip here; measured against pymemcache in docs/remote.md.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import select
-import socket
 import time
 from collections.abc import Iterable, Sequence
 
-from memlend.remote.client import RemoteError, RemoteTimeout
+from memlend.remote.sockio import RemoteError, SpinSocket
 
 MAX_KEY = 250
 MAX_VALUE = (1 << 20) - 1024  # memcached's default item size limit (-I 1m) less its header
@@ -48,7 +45,9 @@ def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-class MemcachedClient:
+class MemcachedClient(SpinSocket):
+    what = "memcached"
+
     def __init__(
         self,
         address: tuple[str, int],
@@ -58,21 +57,14 @@ class MemcachedClient:
         busy_poll_us: int = 200,
         max_value: int = MAX_VALUE,
     ) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.busy_poll_ns = busy_poll_us * 1000
+        super().__init__(address, timeout, busy_poll_us)
         self.max_value = max_value
         self.max_keys = 256
         self._prefix = b"ml" + _b64(namespace) + b":"
-        self._spin_score = 1.0
-        self._spin_pause = 0
         self._buf = bytearray()
         self.stray_bytes = 0  # bytes received where no reply was expected
-        self._sock: socket.socket | None = None
         try:
-            self._sock = socket.create_connection(address, timeout=timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setblocking(False)
+            self._connect()
         except OSError as e:
             self.close()
             raise RemoteError(f"cannot connect to memcached {address[0]}:{address[1]}: {e}") from e
@@ -87,74 +79,11 @@ class MemcachedClient:
     # ---- plumbing -----------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
+        super().close()
         self._buf.clear()
 
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def __enter__(self) -> MemcachedClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _require(self) -> socket.socket:
-        if self._sock is None:
-            raise RemoteError("connection closed")
-        return self._sock
-
-    def _wait(self, what: int, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RemoteTimeout(f"memcached {self.address[0]}:{self.address[1]} timed out")
-        poller = select.poll()
-        poller.register(self._require(), what)
-        poller.poll(left * 1000)
-
-    def _send(self, data: bytes, deadline: float) -> None:
-        sock = self._require()
-        view = memoryview(data)
-        while view:
-            try:
-                n = sock.send(view)
-            except BlockingIOError:
-                self._wait(select.POLLOUT, deadline)
-                continue
-            view = view[n:]
-
     def _recv_some(self, deadline: float, spin: bool) -> None:
-        sock = self._require()
-        spin_until = time.perf_counter_ns() + (self.busy_poll_ns if spin else 0)
-        slept = False
-        while True:
-            try:
-                data = sock.recv(1 << 20)
-                break
-            except BlockingIOError:
-                if time.perf_counter_ns() < spin_until:
-                    continue
-                slept = True
-                self._wait(select.POLLIN, deadline)
-        if spin:
-            self._spin_score = 0.9 * self._spin_score + (0.0 if slept else 0.1)
-            if self._spin_score < 0.3:
-                self._spin_pause, self._spin_score = 256, 0.6
-        if not data:
-            raise RemoteError("memcached closed the connection")
-        self._buf += data
-
-    def _spin(self) -> bool:
-        if not self.busy_poll_ns:
-            return False
-        if self._spin_pause:
-            self._spin_pause -= 1
-            return False
-        return True
+        self._buf += self._recv(deadline, spin)
 
     def _line(self, deadline: float, spin: bool = False) -> bytes:
         """The next reply line, without its CRLF."""
