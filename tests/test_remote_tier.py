@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,33 +40,19 @@ def secret(tmp_path: Path) -> bytes:
 
 
 @pytest.fixture
-def lenders(tmp_path: Path, secret: bytes) -> Iterator[Callable[..., tuple[subprocess.Popen, int]]]:
-    """start(port=0, secret=None) -> (process, port); every process is killed at teardown."""
-    procs: list[subprocess.Popen] = []
+def lenders(tmp_path: Path, secret: bytes, lender_factory) -> Callable[..., tuple]:
+    """start(port=0, key=None) -> (process, port): conftest's lender_factory, with the
+    secret given as bytes; every process is killed at teardown."""
+    count = iter(range(1 << 30))
 
     def start(port: int = 0, key: bytes | None = None) -> tuple[subprocess.Popen, int]:
-        path = tmp_path / f"lender-secret-{len(procs)}"
+        path = tmp_path / f"lender-secret-{next(count)}"
         path.write_text((key or secret).hex() + "\n")
         path.chmod(0o600)
-        cmd = [sys.executable, "-m", "memlend.lender", "--listen", f"127.0.0.1:{port}"]
-        cmd += ["--memory", "32M", "--block-size", "4K", "--reserve", "64M"]
-        cmd += ["--secret-file", str(path), "--foreground"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, f"lender did not start: {line!r}"
-        return proc, int(line.rsplit(":", 1)[1])
+        lender = lender_factory(port=port, secret=path, memory="32M", block_size="4K")
+        return lender.proc, lender.port
 
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+    return start
 
 
 def blocks(n: int, size: int = 4096, tag: bytes = b"") -> dict[bytes, bytes]:
