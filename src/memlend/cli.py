@@ -399,15 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="mount a sample data set, read it, show what the cache did",
-        description="Creates a sample data set in a temporary directory, mounts it with a "
-        "cache smaller than the data, runs a skewed random-read workload plus a scan "
-        "through the mount, prints what the cache did, and unmounts. Needs root (or "
-        "fusermount3) and /dev/fuse.",
+        help="mount a sample data set, read it three ways, show what each cache did",
+        description="Creates a sample data set in a temporary directory and reads it "
+        "through memlend three times with a cache smaller than the data: a hot set read at "
+        "random, a full scan, the hot set again. First with LRU, then with memlend's "
+        "scan-resistant default, then with a lender (a `memlend lend` daemon started on "
+        "127.0.0.1) catching evicted blocks. Every byte is checked; a table shows what each "
+        "did. Needs root (or fusermount3) and /dev/fuse; cleans up after itself.",
     )
-    p.add_argument("--dataset", type=_size, default="128M", help="sample data size")
-    p.add_argument("--cache-size", type=_size, default="48M", help="memlend cache size")
-    p.add_argument("--reads", type=int, default=20000, help="random 4 KiB reads")
+    p.add_argument("--dataset", type=_size, default="128M", help="sample data size (128M)")
+    p.add_argument("--cache-size", type=_size, default="48M", help="memlend cache size (48M)")
+    p.add_argument("--reads", type=int, default=20000, help="random 4 KiB reads (20000)")
     p.set_defaults(func=cmd_demo)
     return parser
 
