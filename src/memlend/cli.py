@@ -1,4 +1,4 @@
-"""memlend's command line: mount, umount, stats, sim, demo.
+"""memlend's command line: mount, umount, stats, genkey, lend, sim, demo.
 
 Every user mistake ends as one line on stderr and a non-zero exit status:
 UserError -> 2, other OSError -> 1. Tracebacks are for bugs only.
@@ -178,9 +178,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
             filename=args.log_file,
         )
-        if args.ready_fd is None:
-            return serve(_mount_config(args), _print_ready)
-        return serve(_mount_config(args), _pipe_ready(args.ready_fd))
+        ready = _print_ready if args.ready_fd is None else _pipe_ready(args.ready_fd)
+        return serve(cfg, ready)
     return _spawn_daemon(args)
 
 
