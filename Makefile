@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc libfuse3-dev pkg-config util-linux
+DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc libfuse3-dev pkg-config util-linux iproute2
 
 .PHONY: install demo test lint clean
 

@@ -1,4 +1,4 @@
-"""memlend's command line: mount, umount, stats, genkey, lend, sim, demo.
+"""memlend's command line: mount, umount, stats, genkey, lend, sim, bench, demo.
 
 Every user mistake ends as one line on stderr and a non-zero exit status:
 UserError -> 2, other OSError -> 1. Tracebacks are for bugs only.
@@ -395,6 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_arguments(p)
     p.set_defaults(func=cmd_sim)
+
+    from memlend.bench import run as bench_run
+
+    p = sub.add_parser(
+        "bench",
+        help="the testbed: kernel page cache vs memlend's local cache vs lenders (root)",
+        description="Builds 'VMs' on this machine (memory/blkio/cpuset cgroups, network "
+        "namespaces for the lenders), runs the workload x configuration matrix on the same "
+        "data and memory, writes results.json, report.md and PNG plots to --out, and removes "
+        "everything it set up, also on failure and Ctrl-C. Needs root.",
+    )
+    bench_run.add_bench_arguments(p)
+    p.set_defaults(func=bench_run.run_bench)
 
     p = sub.add_parser(
         "demo",

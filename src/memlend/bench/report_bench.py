@@ -1,0 +1,191 @@
+"""The Markdown report and PNG plots of a `memlend bench` results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+MiB = 1 << 20
+ORDER = ("pagecache", "local", "lender", "lenders", "memcached", "ideal")
+
+
+def _cell(rows: list[dict], config: str, workload: str, disk: str) -> dict | None:
+    for r in rows:
+        if (r["config"], r["workload"], r["disk"]) == (config, workload, disk):
+            return r
+    return None
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or not a.get("iops") or not b.get("iops") or a.get("error") or b.get("error"):
+        return "—"
+    return f"{a['iops'] / b['iops']:.2f}x"
+
+
+def _mbps(bps: int | None) -> str:
+    return "∞" if not bps else f"{bps / 1e6:g}"
+
+
+def _hits(r: dict) -> str:
+    h = r.get("hit_ratio") or {}
+    return " / ".join(f"{k} {v:.2f}" for k, v in h.items()) or "—"
+
+
+def markdown(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    configs = [c for c in ORDER if any(r["config"] == c for r in rows)]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    disks = list(dict.fromkeys(r["disk"] for r in rows))
+    out = ["# memlend bench report", ""]
+    out.append(
+        f"Command: `{meta.get('command', 'memlend bench')}`, "
+        f"{meta.get('started')} to {meta.get('finished')}."
+    )
+    out.append(
+        f"Client memory {meta['client_memory'] // MiB} MiB "
+        f"(memlend cache {meta['cache_size'] // MiB} MiB inside it), "
+        f"data set {meta['dataset'] // MiB} MiB, {meta['seconds_per_cell']} s per cell, "
+        f"backing disk {meta.get('backing_disk')}, lenders reached over {meta.get('network')}."
+    )
+    out.append(
+        f"Pinning: client (workload and mount daemon) {meta['pinning']['client']}, "
+        f"lenders {meta['pinning']['lenders']}. Kernel {meta['machine']['kernel']}, "
+        f"{meta['machine']['cpus']} CPUs."
+    )
+    out.append(
+        "Disk profiles: "
+        + ", ".join(
+            f"{d} {v['read_iops'] or '∞'} IOPS / {_mbps(v['read_bps'])} MB/s"
+            for d, v in meta["disks"].items()
+        )
+    )
+    out.append("")
+    for disk in disks:
+        out += [f"## Disk profile: {disk}", ""]
+        out.append(
+            "| workload | "
+            + " | ".join(f"{c} IOPS" for c in configs)
+            + " | local/pagecache | lender/pagecache | lender/local |"
+        )
+        out.append("|---" * (len(configs) + 4) + "|")
+        for w in workloads:
+            cells = {c: _cell(rows, c, w, disk) for c in configs}
+            vals = []
+            for c in configs:
+                r = cells[c]
+                vals.append("error" if r is None or r.get("error") else _fmt(r.get("iops")))
+            out.append(
+                f"| {w} | "
+                + " | ".join(vals)
+                + f" | {_ratio(cells.get('local'), cells.get('pagecache'))}"
+                + f" | {_ratio(cells.get('lender'), cells.get('pagecache'))}"
+                + f" | {_ratio(cells.get('lender'), cells.get('local'))} |"
+            )
+        out.append("")
+        out.append(
+            "| workload | config | IOPS | MB/s | p50 µs | p99 µs | disk I/Os | hit ratios "
+            "| verified |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for w in workloads:
+            for c in configs:
+                r = _cell(rows, c, w, disk)
+                if r is None:
+                    continue
+                if r.get("error"):
+                    out.append(
+                        f"| {w} | {c} | error: {r['error'][:120]} | | | | | | {r.get('verified')} |"
+                    )
+                    continue
+                out.append(
+                    f"| {w} | {c} | {_fmt(r['iops'])} | {_fmt(r['mbps'])} | {_fmt(r['p50_us'])} | "
+                    f"{_fmt(r['p99_us'])} | {r['disk_ios']} | {_hits(r)} | {r['verified']} |"
+                )
+        out.append("")
+    spikes = [r for r in rows if r.get("spike")]
+    if spikes:
+        out += ["## Lender memory spike", ""]
+        out.append(
+            "| config | disk | IOPS | remote hit | lender alive at end "
+            "| OOM kills in lender group | spike holds its memory |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
+        for r in spikes:
+            sp = r["spike"]
+            out.append(
+                f"| {r['config']} | {r['disk']} | {_fmt(r['iops'])} | "
+                f"{r['hit_ratio'].get('remote', 0):.2f} | {sp.get('lender_alive_at_end')} | "
+                f"{sp.get('oom_kills', '?')} | {sp.get('spike_alive_at_end')} |"
+            )
+        out.append("")
+    goal = _cell(rows, "lender", "randread-uniform-qd1", "cloud")
+    base = _cell(rows, "pagecache", "randread-uniform-qd1", "cloud")
+    out.append("## Goal: lender ≥ 10x the page cache, random 4 KiB reads qd1, cloud profile")
+    out.append("")
+    if goal and base and goal.get("iops") and base.get("iops"):
+        ratio = goal["iops"] / base["iops"]
+        out.append(
+            f"Measured: lender {goal['iops']:,.0f} IOPS vs page cache {base['iops']:,.0f} IOPS: "
+            f"**{ratio:.2f}x — goal {'met' if ratio >= 10 else 'not met'}**."
+        )
+    else:
+        out.append(
+            "Not measured in this run (needs lender and pagecache on randread-uniform-qd1, cloud)."
+        )
+    out.append("")
+    out += [f"![IOPS, {d}](testbed-iops-{d}.png)" for d in disks]
+    return "\n".join(out) + "\n"
+
+
+def plots(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    configs = [c for c in ORDER if any(r["config"] == c for r in rows)]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    files = []
+    for disk in dict.fromkeys(r["disk"] for r in rows):
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(workloads)), 4))
+        width = 0.8 / max(1, len(configs))
+        for i, c in enumerate(configs):
+            ys = []
+            for w in workloads:
+                r = _cell(rows, c, w, disk)
+                ys.append(r["iops"] if r and r.get("iops") and not r.get("error") else 0)
+            ax.bar([j + i * width for j in range(len(workloads))], ys, width, label=c)
+        ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(workloads))])
+        ax.set_xticklabels(workloads, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("IOPS (log)")
+        m = result["meta"]
+        ax.set_title(
+            f"disk {disk}: client {m['client_memory'] // MiB} MiB, "
+            f"data set {m['dataset'] // MiB} MiB"
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        f = out / f"testbed-iops-{disk}.png"
+        fig.savefig(f, dpi=90)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "report.md").write_text(markdown(result))
+    plots(result, out)
+
+
+if __name__ == "__main__":
+    d = Path(sys.argv[1])
+    write_report(json.loads((d / "results.json").read_text()), d)

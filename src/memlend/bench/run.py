@@ -1,0 +1,547 @@
+"""`memlend bench`: build the testbed, run the matrix, write results.json, report, plots.
+
+    python -m memlend.bench.run [--quick] [--out DIR] [--disk PROFILE] ...
+
+One cell = (config, workload, disk profile). Per config the testbed is built afresh
+(client cgroup, mount, lenders), the data set is read once unthrottled (warm-up: every
+16 KiB block once in random order, so caches and lenders hold what they can), then each
+workload runs for a fixed time with the backing disk capped by the profile. Everything is
+torn down after each config and, whatever happens, at the end (Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from memlend.bench import testbed as tb
+from memlend.bench import workloads as wl
+from memlend.errors import UserError
+from memlend.sizes import parse_size
+
+MiB = 1 << 20
+
+DISKS: dict[str, tuple[int | None, int | None]] = {  # read IOPS, read bytes/s
+    "hdd": (200, 150_000_000),
+    "cloud": (1000, 100_000_000),
+    "none": (None, None),
+}
+CONFIGS = ("pagecache", "local", "lender", "lenders", "memcached", "ideal")
+PUT_COUNTERS = ("remote_put_blocks", "remote_put_skipped", "remote_dropped_puts")
+QUICK_CONFIGS = ("pagecache", "local", "lender", "ideal")
+
+
+@dataclass
+class Plan:
+    out: Path
+    disks: list[str]
+    client_memory: int
+    dataset: int
+    workloads: list[str]
+    configs: list[str]
+    seconds: float
+    quick: bool
+    netns: bool
+    sqlite_rows: int = 0
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="reduced matrix, small sizes (~2 min)")
+    p.add_argument("--out", default="bench-out", help="directory for results (default bench-out)")
+    p.add_argument(
+        "--disk",
+        action="append",
+        metavar="PROFILE",
+        help=f"disk profile: {', '.join(DISKS)} (repeatable; default cloud)",
+    )
+    p.add_argument(
+        "--client-memory", metavar="SIZE", help="client VM memory (default 512M; 192M quick)"
+    )
+    p.add_argument("--dataset", metavar="SIZE", help="data set size (default 4x client memory)")
+    p.add_argument(
+        "--workload", nargs="+", action="extend", metavar="NAME", help=", ".join(wl.WORKLOADS)
+    )
+    p.add_argument("--config", nargs="+", action="extend", metavar="NAME", help=", ".join(CONFIGS))
+    p.add_argument("--seconds", type=float, help="run time per cell (default 20; 6 quick)")
+    p.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="lenders on loopback instead of their own network namespaces",
+    )
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    try:
+        mem = (
+            parse_size(args.client_memory)
+            if args.client_memory
+            else (192 if args.quick else 512) * MiB
+        )
+        ds = parse_size(args.dataset) if args.dataset else 4 * mem
+    except ValueError as e:
+        raise UserError(f"bad size: {e}") from None
+    if mem < 64 * MiB:
+        raise UserError("--client-memory must be at least 64M")
+    if ds < 16 * MiB:
+        raise UserError("--dataset must be at least 16M")
+    disks = args.disk or ["cloud"]
+    for d in disks:
+        if d not in DISKS:
+            raise UserError(f"unknown disk profile {d!r} (choose from {', '.join(DISKS)})")
+    works = args.workload or list(wl.QUICK_WORKLOADS if args.quick else wl.WORKLOADS)
+    for w in works:
+        if w not in wl.WORKLOADS:
+            raise UserError(f"unknown workload {w!r} (choose from {', '.join(wl.WORKLOADS)})")
+    confs = args.config or list(QUICK_CONFIGS if args.quick else CONFIGS)
+    for c in confs:
+        if c not in CONFIGS:
+            raise UserError(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
+    secs = args.seconds or (6.0 if args.quick else 20.0)
+    return Plan(Path(args.out), disks, mem, ds, works, confs, secs, args.quick, not args.no_netns)
+
+
+def cache_size(client_memory: int) -> int:
+    """memlend's --cache-size inside a client of `client_memory`: the daemon needs about
+    30 MiB of interpreter and up to 64 MiB of buffers above its cache (README). With
+    only 80 MiB left over, a 512 MiB client's daemon was OOM-killed under 16 readers
+    (anon RSS 505 MiB for a 432 MiB cache), so leave 112 MiB."""
+    return max(client_memory // 4, client_memory - 112 * MiB)
+
+
+# ---- one configuration ----------------------------------------------------------
+
+
+class ConfigRun:
+    """The testbed of one configuration: client group, mount, lenders."""
+
+    def __init__(self, bed: tb.Testbed, plan: Plan, config: str) -> None:
+        self.bed, self.plan, self.config = bed, plan, config
+        self.mnt: str | None = None
+        self.daemon = 0
+        self.procs: list[subprocess.Popen] = []
+        self.lender_groups: list[tb.Group] = []
+        self.client: tb.Group | None = None
+        self.where = "loopback"
+        self.lend_mem = 0
+
+    def __enter__(self) -> ConfigRun:
+        bed, plan, c = self.bed, self.plan, self.config
+        mem = None if c == "ideal" else plan.client_memory
+        self.client = bed.group("client", memory=mem, cpu=tb.CLIENT_CPU, blkio=True)
+        extra: list[str] = []
+        if c in ("lender", "lenders", "memcached"):
+            extra = self._start_lenders()
+        if c not in ("pagecache", "ideal"):
+            self.mnt, self.daemon = bed.mount(self.client, cache_size(plan.client_memory), extra)
+        return self
+
+    def _start_lenders(self) -> list[str]:
+        bed, plan, c = self.bed, self.plan, self.config
+        n = 2 if c == "lenders" else 1
+        total = plan.dataset * (2 if plan.sqlite_rows else 1)
+        lend_mem = self.lend_mem = max(64 * MiB, total * 5 // 4 // n)
+        secret = bed.work / "secret"
+        for key in (secret, bed.work / "seal.key"):
+            if not key.exists():
+                bed.memlend_cli("genkey", str(key))
+        extra = ["--secret-file", str(secret), "--seal-key-file", str(bed.work / "seal.key")]
+        for i in range(n):
+            g = bed.group(f"lender{i}", memory=lend_mem + 160 * MiB, cpu=tb.LENDER_CPU, blkio=False)
+            self.lender_groups.append(g)
+            ns, host = None, "127.0.0.1"
+            if plan.netns and bed.netns:
+                ns, host = bed.add_netns(len(bed.namespaces))
+                self.where = "veth (network namespaces)"
+            port = tb._free_port() if ns is None else 7070
+            log = bed.work / f"{c}-lender{i}.log"
+            if c == "memcached":
+                cmd = ["memcached", "-U", "0", "-l", host, "-p", str(port)]
+                cmd += [
+                    "-m",
+                    str(lend_mem // MiB),
+                    "-P",
+                    str(bed.work / f"mc{i}.pid"),
+                    "-u",
+                    "root",
+                ]
+                url = f"memcached://{host}:{port}"
+            else:
+                cmd = [sys.executable, "-m", "memlend", "lend", "--listen", f"{host}:{port}"]
+                cmd += ["--memory", str(lend_mem), "--secret-file", str(secret), "--foreground"]
+                cmd += ["--log-file", str(log), "--reserve", "64M"]
+                url = f"memlend://{host}:{port}"
+            p = bed.spawn(cmd, g, log=log, netns=ns)
+            self.procs.append(p)
+            if ns is None:
+                bed.wait_port(host, port, p, c)
+            else:
+                self._wait_ns_port(host, port, p)
+            extra += ["--lender", url]
+        return extra
+
+    def _wait_ns_port(self, host: str, port: int, p: subprocess.Popen) -> None:
+        self.bed.wait_port(host, port, p, self.config)
+
+    def path(self) -> str:
+        return os.path.join(self.mnt or str(self.bed.work / "backing"), wl.DATA)
+
+    def stats(self) -> dict:
+        return self.bed.stats(self.mnt) if self.mnt else {}
+
+    def warm(self) -> dict:
+        """One unthrottled pass: every 16 KiB block once in random order; then wait for
+        the mount's puts to the lenders to drain."""
+        assert self.client is not None
+        self.bed.throttle(self.client, None, None)
+        cmd = ["fio", "--name=warm", f"--filename={self.path()}", "--rw=randread", "--bs=16k"]
+        cmd += [f"--size={self.plan.dataset}", "--ioengine=psync", "--output-format=json"]
+        # randrepeat=0: fio's offsets do not depend on --randseed, and a warm-up in
+        # the measured order would favour caches that keep the first blocks read (LIRS)
+        cmd += ["--randrepeat=0", *wl.KEEP, *wl.VERIFY]
+        cmds = [cmd]
+        db = os.path.join(os.path.dirname(self.path()), wl.DB)
+        if self.plan.sqlite_rows:
+            warmdb = ["fio", "--name=warmdb", f"--filename={db}", "--rw=randread", "--bs=16k"]
+            warmdb += ["--ioengine=psync", "--output-format=json", "--randrepeat=0", *wl.KEEP]
+            cmds.append(warmdb)
+        t0 = time.monotonic()
+        s0 = self.stats()
+        # two passes for every config: the first, unthrottled, outruns the mount's put
+        # queue to the lenders (it drops puts when full); the second fills the gaps
+        for cmd in cmds * 2:
+            r = self.bed.run(cmd, self.client, timeout=1800)
+            res = wl.parse_fio(r.stdout)
+            if r.returncode or res["fio_error"]:
+                raise RuntimeError(f"warm-up failed: {r.stderr.strip()[-300:]}")
+            if self.mnt and self.config != "local":
+                end = time.monotonic() + 30
+                while self.stats().get("remote_queued_blocks") and time.monotonic() < end:
+                    time.sleep(0.1)
+                time.sleep(0.3)
+        s1 = self.stats()
+        mstat = self.client.memory_stat()
+        return {
+            "warm_seconds": round(time.monotonic() - t0, 1),
+            "warm_verified": True,
+            # the page cache of files read inside the client group is charged to it
+            "client_cache_after_warm": mstat.get("total_cache", mstat.get("cache", 0)),
+            "warm_counters": {k: s1.get(k, 0) - s0.get(k, 0) for k in PUT_COUNTERS if k in s1},
+        }
+
+    def measure(self, work: wl.Workload, disk: str) -> dict:
+        assert self.client is not None
+        iops, bps = DISKS[disk]
+        self.bed.throttle(self.client, iops, bps)
+        cmd = work.cmd(self.path(), self.plan.dataset, self.plan.client_memory, self.plan.seconds)
+        if work is wl.SQLITE:
+            db = os.path.join(os.path.dirname(self.path()), wl.DB)
+            cmd = wl.sqlite_cmd(sys.executable, db, self.plan.seconds, self.plan.sqlite_rows)
+        spike: dict = {}
+        timer = None
+        if work is wl.SPIKE:
+            if not self.lender_groups:
+                raise RuntimeError(
+                    "lender-spike needs a lender (configs lender, lenders, memcached)"
+                )
+            timer = threading.Timer(self.plan.seconds / 3, self._spike, (spike,))
+            timer.start()
+        s0, b0 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
+        oom0 = _oom_kills(self.client)
+        try:
+            r = self.bed.run(cmd, self.client, timeout=self.plan.seconds * 5 + 120)
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+        oom = _oom_kills(self.client) - oom0
+        if oom:
+            raise RuntimeError(
+                f"the client cgroup's OOM killer killed {oom} process(es) (see dmesg): "
+                "the mount daemon or the workload outgrew --client-memory"
+            )
+        s1, b1 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
+        if spike:
+            spike.update(self._spike_end(spike))
+        self.bed.throttle(self.client, None, None)
+        if work is wl.SQLITE:
+            if r.returncode:
+                raise RuntimeError(f"sqlite queries failed: {r.stderr.strip()[-300:]}")
+            res = wl.parse_sqlite(r.stdout)
+        else:
+            res = wl.parse_fio(r.stdout, work.main_job)
+        row: dict = dict(res)
+        row["disk_ios"] = b1[0] - b0[0]
+        row["disk_bytes"] = b1[1] - b0[1]
+        if self.mnt:
+            d = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1.get(k), int | float)}
+            lh, lm = d.get("local_hits", 0), d.get("local_misses", 0)
+            rh = d.get("remote_hits", 0)
+            row["hit_ratio"] = {
+                "local": round(lh / max(1, lh + lm), 4),
+                "remote": round(rh / max(1, lh + lm), 4),
+                "disk": round(d.get("disk_reads", 0) / max(1, lh + lm), 4),
+            }
+            row["mount_counters"] = {
+                k: d.get(k, 0)
+                for k in (
+                    "local_hits",
+                    "local_misses",
+                    "remote_hits",
+                    "remote_misses",
+                    "remote_timeouts",
+                    "disk_reads",
+                    "disk_read_bytes",
+                    *PUT_COUNTERS,
+                )
+            }
+        else:
+            # kernel page cache: 4 KiB reads with fadvise RANDOM: one disk I/O per miss
+            per_io = 256 if work.name == "seqread" else 1
+            pages = res["ios"] * per_io
+            pc = max(0.0, 1 - row["disk_ios"] / max(1, pages))
+            row["hit_ratio"] = {"pagecache": round(pc, 4), "disk": round(1 - pc, 4)}
+        mstat = self.client.memory_stat()
+        row["client_cgroup"] = {
+            "cache_bytes": mstat.get("total_cache", mstat.get("cache", 0)),
+            "rss_bytes": mstat.get("total_rss", mstat.get("rss", 0)),
+            "limit": None if self.config == "ideal" else self.plan.client_memory,
+        }
+        if spike:
+            row["spike"] = {k: v for k, v in spike.items() if k != "proc"}
+        row["verified"] = r.returncode == 0 and res["fio_error"] == 0
+        if not row["verified"]:
+            row["error"] = f"fio failed (status {r.returncode}): {r.stderr.strip()[-300:]}"
+        return row
+
+    def _spike(self, out: dict) -> None:
+        g = self.lender_groups[0]
+        n = self.lend_mem * 4 // 5
+        out["lender_usage_before"] = int(g.read("memory", "memory.usage_in_bytes"))
+        out["spike_bytes"] = n
+        out["at_seconds"] = round(self.plan.seconds / 3, 1)
+        cmd = [sys.executable, "-c", wl.SPIKE_CODE, str(n), f"{tb.PREFIX}-spike"]
+        out["proc"] = self.bed.spawn(cmd, g, log=self.bed.work / "spike.log")
+
+    def _spike_end(self, out: dict) -> dict:
+        g = self.lender_groups[0]
+        p: subprocess.Popen = out["proc"]
+        res = {
+            "spike_alive_at_end": p.poll() is None,
+            "lender_alive_at_end": self.procs[0].poll() is None,
+            "lender_group_usage_at_end": int(g.read("memory", "memory.usage_in_bytes")),
+            "lender_group_limit": int(g.read("memory", "memory.limit_in_bytes")),
+        }
+        for line in g.read("memory", "memory.oom_control").splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                res["oom_kills"] = int(v)
+        self.bed.stop(p)
+        return res
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mnt:
+            self.bed.umount(self.mnt)
+        for p in self.procs:
+            self.bed.stop(p)
+        for g in [self.client, *self.lender_groups]:
+            if g is not None:
+                self.bed.drop_group(g)
+        for ns in list(self.bed.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            self.bed.namespaces.remove(ns)
+
+
+# ---- the matrix -------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_matrix(plan: Plan, progress: bool = True) -> dict:
+    tb.check_environment()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    bed = tb.Testbed(Path("/var/tmp") / f"{tb.PREFIX}-{os.getpid()}")
+    # both installed explicitly: a SIGINT ignored by the parent (a background job of a
+    # non-interactive shell) would otherwise stay ignored and ^C would do nothing
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    rows: list[dict] = []
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "memlend bench " + " ".join(a for a in sys.argv[1:] if a != "bench"),
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "client_memory": plan.client_memory,
+        "dataset": plan.dataset,
+        "seconds_per_cell": plan.seconds,
+        "cache_size": cache_size(plan.client_memory),
+        "pinning": {
+            "client": f"cpuset CPU {tb.CLIENT_CPU}",
+            "lenders": f"cpuset CPU {tb.LENDER_CPU}",
+        },
+        "disks": {d: {"read_iops": DISKS[d][0], "read_bps": DISKS[d][1]} for d in plan.disks},
+    }
+    try:
+        bed.open()
+        meta["backing_disk"] = bed.disk
+        meta["network"] = "veth (network namespaces)" if (plan.netns and bed.netns) else "loopback"
+        data = bed.work / "backing" / wl.DATA
+        fill = subprocess.run(
+            wl.fill_cmd(str(data), plan.dataset), capture_output=True, text=True, cwd=bed.work
+        )
+        if fill.returncode:
+            raise RuntimeError(f"writing the data set failed: {fill.stderr.strip()[-300:]}")
+        if "sqlite" in plan.workloads:
+            plan.sqlite_rows = wl.make_db(str(bed.work / "backing" / wl.DB), plan.dataset)
+            meta["sqlite_rows"] = plan.sqlite_rows
+        cells = [(c, w, d) for c in plan.configs for w in plan.workloads for d in plan.disks]
+        with _Progress(progress, len(cells)) as bar:
+            for config in plan.configs:
+                _drop_page_cache(data)
+                if plan.sqlite_rows:
+                    _drop_page_cache(bed.work / "backing" / wl.DB)
+                todo = [(w, d) for w in plan.workloads for d in plan.disks]
+                try:
+                    with ConfigRun(bed, plan, config) as cr:
+                        bar.say(f"{config}: warm-up")
+                        warm = cr.warm()
+                        for w, d in todo:
+                            bar.say(f"{config} / {w} / {d}")
+                            row = _base(plan, config, w, d, cr.where)
+                            try:
+                                row.update(cr.measure(wl.WORKLOADS[w], d))
+                            except (RuntimeError, OSError, ValueError) as e:
+                                row.update(verified=False, error=str(e)[:400])
+                            row.update(warm)
+                            rows.append(row)
+                            bar.advance()
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    done = {(r["workload"], r["disk"]) for r in rows if r["config"] == config}
+                    for w, d in todo:
+                        if (w, d) not in done:
+                            row = _base(plan, config, w, d, "")
+                            row.update(verified=False, error=f"{config} could not run: {e}"[:400])
+                            rows.append(row)
+                            bar.advance()
+    finally:
+        bed.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result = {"meta": meta, "rows": rows}
+    (plan.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    from memlend.bench import report_bench
+
+    report_bench.write_report(result, plan.out)
+    return result
+
+
+def _base(plan: Plan, config: str, w: str, d: str, where: str) -> dict:
+    return {
+        "config": config,
+        "workload": w,
+        "disk": d,
+        "client_memory": plan.client_memory,
+        "dataset": plan.dataset,
+        "iops": None,
+        "mbps": None,
+        "p50_us": None,
+        "p99_us": None,
+        "disk_ios": None,
+        "hit_ratio": {},
+        "pinning": {
+            "client": f"cpuset {tb.CLIENT_CPU} (workload and mount daemon)",
+            "lenders": f"cpuset {tb.LENDER_CPU}"
+            if config in ("lender", "lenders", "memcached")
+            else None,
+        },
+        "lender_network": where or None,
+        "verified": False,
+        "error": None,
+    }
+
+
+def _oom_kills(g: tb.Group) -> int:
+    for line in g.read("memory", "memory.oom_control").splitlines():
+        k, _, v = line.partition(" ")
+        if k == "oom_kill":
+            return int(v)
+    return 0
+
+
+def _drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self._p = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import Progress
+
+            self._p = Progress(transient=False)
+            self._p.start()
+            self._task = self._p.add_task("bench", total=self.total)
+        return self
+
+    def say(self, text: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._p is not None:
+            self._p.advance(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    try:
+        result = run_matrix(plan, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("memlend bench: interrupted; the testbed was removed", file=sys.stderr)
+        return 130
+    bad = [r for r in result["rows"] if r.get("error")]
+    print(
+        f"wrote {plan.out}/results.json, {plan.out}/report.md "
+        f"({len(result['rows'])} cells, {len(bad)} errors)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="memlend bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_bench(args)
+    except UserError as e:
+        print(f"memlend bench: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The benchmark testbed: "VMs" on one machine, and their guaranteed tear-down.
+
+A client VM is a set of cgroup v1 groups named memlend-bench-<pid>-client-<n>: memory
+(its RAM, page cache included), blkio (the backing disk's read IOPS/bandwidth cap) and
+cpuset (CPU 0). A lender VM is memlend-bench-<pid>-lender<i>: memory and cpuset (CPU 1).
+Every process the testbed starts is placed in its groups before it execs, and every one
+has "memlend-bench" in its command line. `Testbed.close()` (called from a finally block)
+kills whatever is left in the groups, unmounts, removes the groups and the network
+namespaces, and the work directory.
+
+Network namespaces: a lender may run in its own namespace (memlend-bench-<pid>-l<i>)
+reached over a veth pair; `Testbed.netns` is False when `ip netns` is not usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memlend.errors import UserError
+
+PREFIX = "memlend-bench"
+CGROOT = Path("/sys/fs/cgroup")
+CLIENT_CPU = 0
+LENDER_CPU = 1
+MiB = 1 << 20
+
+
+def check_environment() -> None:
+    """Refuse, in one line naming the missing piece, when the testbed cannot be built."""
+    if os.geteuid() != 0:
+        raise UserError("memlend bench needs root (cgroups, blkio throttling, mounts)")
+    for ctl in ("memory", "blkio", "cpuset"):
+        if not (CGROOT / ctl / "cgroup.procs").exists():
+            raise UserError(f"memlend bench needs the cgroup v1 {ctl} controller at {CGROOT / ctl}")
+    if not (CGROOT / "blkio" / "blkio.throttle.read_iops_device").exists():
+        raise UserError("memlend bench needs blkio throttling (CONFIG_BLK_DEV_THROTTLING)")
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("memlend bench needs /dev/fuse (the fuse kernel module)")
+    for tool in ("fio", "taskset"):
+        if shutil.which(tool) is None:
+            raise UserError(f"memlend bench needs {tool} (not found in PATH)")
+    if (os.cpu_count() or 1) < 2:
+        raise UserError("memlend bench needs 2 CPUs (client on CPU 0, lenders on CPU 1)")
+
+
+def disk_of(path: Path) -> str:
+    """MAJ:MIN of the whole disk holding `path` (blkio throttles whole disks only)."""
+    st = os.stat(path)
+    maj, mnr = os.major(st.st_dev), os.minor(st.st_dev)
+    sysdev = Path(f"/sys/dev/block/{maj}:{mnr}")
+    if not sysdev.exists():
+        raise UserError(f"{path} is not on a block device ({maj}:{mnr}); blkio cannot cap it")
+    if (sysdev / "partition").exists():
+        return (sysdev.resolve().parent / "dev").read_text().strip()
+    return f"{maj}:{mnr}"
+
+
+@dataclass
+class Group:
+    """One cgroup v1 group across several controllers."""
+
+    name: str
+    controllers: tuple[str, ...]
+
+    def path(self, ctl: str) -> Path:
+        return CGROOT / ctl / self.name
+
+    def create(self) -> None:
+        for ctl in self.controllers:
+            self.path(ctl).mkdir(exist_ok=True)
+
+    def write(self, ctl: str, knob: str, value: str) -> None:
+        (self.path(ctl) / knob).write_text(value)
+
+    def read(self, ctl: str, knob: str) -> str:
+        return (self.path(ctl) / knob).read_text()
+
+    def pids(self) -> set[int]:
+        out: set[int] = set()
+        for ctl in self.controllers:
+            with contextlib.suppress(OSError):
+                out |= {int(x) for x in self.read(ctl, "cgroup.procs").split()}
+        return out
+
+    def enter(self) -> None:
+        """Move the calling process in (used in preexec_fn, before exec)."""
+        pid = str(os.getpid())
+        for ctl in self.controllers:
+            (self.path(ctl) / "cgroup.procs").write_text(pid)
+
+    def memory_stat(self) -> dict[str, int]:
+        out = {}
+        for line in self.read("memory", "memory.stat").splitlines():
+            k, v = line.split()
+            out[k] = int(v)
+        return out
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            end = time.monotonic() + timeout
+            while self.pids() and time.monotonic() < end:
+                time.sleep(0.05)
+            if not self.pids():
+                return
+
+    def remove(self) -> None:
+        self.kill_all()
+        for ctl in self.controllers:
+            p = self.path(ctl)
+            for _ in range(50):
+                if not p.exists():
+                    break
+                try:
+                    p.rmdir()
+                except OSError:
+                    time.sleep(0.1)
+
+
+def blkio_serviced(group: Group, dev: str) -> tuple[int, int]:
+    """(read I/Os, read bytes) the group issued to `dev` (throttle-layer counters)."""
+    res = []
+    for knob in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"):
+        val = 0
+        for line in group.read("blkio", knob).splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == dev and parts[1] == "Read":
+                val = int(parts[2])
+        res.append(val)
+    return res[0], res[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+@dataclass
+class Testbed:
+    """Everything one `memlend bench` run sets up; `close()` removes all of it."""
+
+    work: Path
+    disk: str = ""
+    tag: str = field(default_factory=lambda: f"{PREFIX}-{os.getpid()}")
+    groups: list[Group] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+    daemons: list[int] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    netns: bool = False
+    _n: int = 0
+
+    # ---- set-up ---------------------------------------------------------------
+
+    def open(self) -> Testbed:
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "backing").mkdir(exist_ok=True)
+        (self.work / "mnt").mkdir(exist_ok=True)
+        self.disk = disk_of(self.work / "backing")
+        self.netns = self._netns_usable()
+        return self
+
+    def _netns_usable(self) -> bool:
+        if shutil.which("ip") is None:
+            return False
+        probe = f"{self.tag}-probe"
+        ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return ok
+
+    def group(self, role: str, *, memory: int | None, cpu: int, blkio: bool) -> Group:
+        self._n += 1
+        ctls = ("memory", "cpuset") + (("blkio",) if blkio else ())
+        g = Group(f"{self.tag}-{role}-{self._n}", ctls)
+        self.groups.append(g)
+        g.create()
+        g.write("cpuset", "cpuset.mems", (CGROOT / "cpuset" / "cpuset.mems").read_text().strip())
+        g.write("cpuset", "cpuset.cpus", str(cpu))
+        if memory is not None:
+            g.write("memory", "memory.limit_in_bytes", str(memory))
+        with contextlib.suppress(OSError):
+            g.write("memory", "memory.oom_control", "0")
+        return g
+
+    def throttle(self, g: Group, iops: int | None, bps: int | None) -> None:
+        """Cap (or uncap with None) reads of the backing disk by the group's processes."""
+        g.write("blkio", "blkio.throttle.read_iops_device", f"{self.disk} {iops or 0}")
+        g.write("blkio", "blkio.throttle.read_bps_device", f"{self.disk} {bps or 0}")
+
+    def drop_group(self, g: Group) -> None:
+        g.remove()
+        with contextlib.suppress(ValueError):
+            self.groups.remove(g)
+
+    def add_netns(self, i: int) -> tuple[str, str]:
+        """A namespace with a veth pair: returns (namespace, lender address)."""
+        ns = f"{self.tag}-l{i}"
+        host_if, ns_if = f"mlb{os.getpid() % 10000}h{i}", f"mlb{os.getpid() % 10000}n{i}"
+        sub = f"10.{200 + i}.{os.getpid() % 250}"
+        cmds = [
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["ip", "link", "set", ns_if, "netns", ns],
+            ["ip", "addr", "add", f"{sub}.1/24", "dev", host_if],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{sub}.2/24", "dev", ns_if],
+            ["ip", "-n", ns, "link", "set", ns_if, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ]
+        self.namespaces.append(ns)
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(c)}: {r.stderr.strip()}")
+        return ns, f"{sub}.2"
+
+    def spawn(
+        self, cmd: list[str], g: Group, *, log: Path, netns: str | None = None
+    ) -> subprocess.Popen:
+        """Start `cmd` inside group `g` (and namespace `netns`), own session (no ^C)."""
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        with open(log, "ab") as f:
+            p = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=f,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=g.enter,
+                start_new_session=True,
+            )
+        self.procs.append(p)
+        return p
+
+    def run(self, cmd: list[str], g: Group, *, timeout: float) -> subprocess.CompletedProcess:
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=g.enter,
+            start_new_session=True,
+        )
+        self.procs.append(p)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            self.procs.remove(p)
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+    def wait_port(self, host: str, port: int, proc: subprocess.Popen, what: str) -> None:
+        end = time.monotonic() + 20
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{what} at {host}:{port} did not start (status {proc.poll()})")
+
+    def memlend_cli(self, *args: str, g: Group | None = None, timeout: float = 60) -> str:
+        cmd = [sys.executable, "-m", "memlend", *args]
+        if g is None:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        else:
+            r = self.run(cmd, g, timeout=timeout)
+        if r.returncode:
+            raise RuntimeError(f"memlend {' '.join(args[:2])} failed: {r.stderr.strip()[-300:]}")
+        return r.stdout
+
+    def mount(self, g: Group, cache: int, extra: list[str]) -> tuple[str, int]:
+        """`memlend mount` started inside the client group (its daemon stays there)."""
+        mnt = str(self.work / "mnt")
+        self.mounts.append(mnt)
+        args = ["mount", str(self.work / "backing"), mnt, "--cache-size", str(cache)]
+        args += ["--log-file", str(self.work / "mount.log"), *extra]
+        self.memlend_cli(*args, g=g)
+        pid = int(self.stats(mnt)["pid"])
+        self.daemons.append(pid)
+        return mnt, pid
+
+    def stats(self, mnt: str) -> dict:
+        return json.loads(self.memlend_cli("stats", mnt, "--json"))
+
+    def umount(self, mnt: str) -> None:
+        with contextlib.suppress(Exception):
+            self.memlend_cli("umount", mnt, timeout=30)
+        if mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        for pid in list(self.daemons):
+            _kill(pid)
+            self.daemons.remove(pid)
+        with contextlib.suppress(ValueError):
+            self.mounts.remove(mnt)
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        with contextlib.suppress(ValueError):
+            self.procs.remove(p)
+
+    # ---- tear-down ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove everything; safe to call twice and after any failure."""
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for mnt in list(self.mounts):
+                self.umount(mnt)
+            for p in list(self.procs):
+                self.stop(p)
+            for pid in self.daemons:
+                _kill(pid)
+            for g in list(self.groups):
+                g.remove()
+            for ns in self.namespaces:
+                for pid in _netns_pids(ns):
+                    _kill(pid)
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            for g in leftover_groups(self.tag):
+                g.remove()
+            self.groups.clear()
+            self.namespaces.clear()
+            self.daemons.clear()
+            shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _netns_pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.02)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def leftover_groups(tag: str = PREFIX) -> list[Group]:
+    """Groups named `tag`* under every controller (for tear-down and the tests)."""
+    names: dict[str, list[str]] = {}
+    for ctl in ("memory", "blkio", "cpuset"):
+        with contextlib.suppress(OSError):
+            for d in (CGROOT / ctl).iterdir():
+                if d.is_dir() and d.name.startswith(tag):
+                    names.setdefault(d.name, []).append(ctl)
+    return [Group(n, tuple(c)) for n, c in names.items()]

@@ -1,0 +1,226 @@
+"""`memlend bench`: the quick matrix end to end, and that the testbed always cleans up."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memlend.bench import report_bench, run, testbed, workloads
+from memlend.errors import UserError
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="the testbed needs root")
+
+
+def leftovers() -> list[str]:
+    """Anything of a testbed still present: cgroups, namespaces, mounts, processes."""
+    found = glob.glob("/sys/fs/cgroup/*/memlend-bench*")
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [line for line in ns.splitlines() if "memlend-bench" in line]
+    with open("/proc/mounts") as f:
+        found += [line for line in f if "memlend-bench" in line]
+    pg = subprocess.run(["pgrep", "-af", "memlend-bench"], capture_output=True, text=True)
+    found += [line for line in pg.stdout.splitlines() if "pgrep" not in line]
+    found += glob.glob("/var/tmp/memlend-bench-*")
+    return found
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    run.add_bench_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--disk", "floppy"],
+        ["--workload", "nope"],
+        ["--config", "nope"],
+        ["--client-memory", "12K"],
+        ["--client-memory", "lots"],
+    ],
+)
+def test_bad_input_is_a_user_error(argv: list[str]) -> None:
+    with pytest.raises(UserError):
+        run._plan(_args(*argv))
+
+
+def test_quick_plan_and_cache_size() -> None:
+    plan = run._plan(_args("--quick"))
+    assert plan.dataset == 4 * plan.client_memory
+    assert set(plan.configs) >= {"pagecache", "local", "lender"}
+    assert set(plan.workloads) >= {"randread-uniform-qd1", "hotscan"}
+    assert run.cache_size(plan.client_memory) < plan.client_memory
+
+
+def test_disk_of_names_a_whole_disk(tmp_path: Path) -> None:
+    try:
+        dev = testbed.disk_of(tmp_path)
+    except UserError:
+        pytest.skip("tmp_path is not on a block device")
+    assert Path(f"/sys/dev/block/{dev}").exists()
+    assert not Path(f"/sys/dev/block/{dev}/partition").exists()
+
+
+def test_parse_fio_picks_the_main_job() -> None:
+    job = {
+        "jobname": "hot",
+        "error": 0,
+        "read": {
+            "iops": 10.0,
+            "bw_bytes": 40960,
+            "total_ios": 100,
+            "clat_ns": {"percentile": {"50.000000": 2000, "99.000000": 9000}},
+        },
+    }
+    other = dict(job, jobname="scan", read=dict(job["read"], iops=1.0))
+    out = workloads.parse_fio("noise\n" + json.dumps({"jobs": [job, other]}), "hot")
+    assert out["iops"] == 10.0 and out["p50_us"] == 2.0 and out["p99_us"] == 9.0
+
+
+def test_report_renders_ratios_and_errors(tmp_path: Path) -> None:
+    meta = {
+        "command": "memlend bench --quick",
+        "started": "a",
+        "finished": "b",
+        "client_memory": 128 << 20,
+        "cache_size": 64 << 20,
+        "dataset": 512 << 20,
+        "seconds_per_cell": 6,
+        "backing_disk": "254:0",
+        "network": "loopback",
+        "pinning": {"client": "cpuset CPU 0", "lenders": "cpuset CPU 1"},
+        "machine": {"kernel": "x", "cpus": 2},
+        "disks": {"cloud": {"read_iops": 1000, "read_bps": 100_000_000}},
+    }
+
+    def row(config: str, iops: float | None, error: str | None = None) -> dict:
+        return {
+            "config": config,
+            "workload": "randread-uniform-qd1",
+            "disk": "cloud",
+            "iops": iops,
+            "mbps": 1.0,
+            "p50_us": 1.0,
+            "p99_us": 2.0,
+            "disk_ios": 5,
+            "hit_ratio": {},
+            "verified": error is None,
+            "error": error,
+        }
+
+    res = {
+        "meta": meta,
+        "rows": [row("pagecache", 100.0), row("lender", 1500.0), row("local", None, "boom")],
+    }
+    md = report_bench.markdown(res)
+    assert "15.00x" in md and "goal met" in md and "error: boom" in md
+    report_bench.write_report(res, tmp_path)
+    assert (tmp_path / "testbed-iops-cloud.png").stat().st_size > 1000
+
+
+@needs_root
+def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
+    assert not leftovers(), "a previous testbed was left behind"
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "memlend.bench.run", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    cells = {(r["config"], r["workload"]): r for r in res["rows"]}
+    for c in run.QUICK_CONFIGS:
+        for w in workloads.QUICK_WORKLOADS:
+            r = cells[(c, w)]
+            assert r["verified"] is True or r["error"], r
+            assert r["client_memory"] == res["meta"]["client_memory"]
+            assert "pinning" in r and r["pinning"]["client"].startswith("cpuset 0")
+    # the core of the matrix must really run, not only report errors
+    for c in ("pagecache", "local", "lender"):
+        for w in workloads.QUICK_WORKLOADS:
+            assert cells[(c, w)]["verified"] is True, cells[(c, w)]
+            assert cells[(c, w)]["iops"] > 0
+    assert cells[("lender", "randread-uniform-qd1")]["hit_ratio"]["remote"] > 0
+    # the page cache of the data read inside the client group is charged to it
+    pc = cells[("pagecache", "hotscan")]
+    assert 0 < pc["client_cache_after_warm"] <= res["meta"]["client_memory"]
+    assert (out / "report.md").read_text().startswith("# memlend bench report")
+    assert (out / "testbed-iops-cloud.png").exists()
+    assert not leftovers()
+    assert time.monotonic() - t0 < 240
+
+
+@needs_root
+def test_interrupted_bench_leaves_nothing(tmp_path: Path) -> None:
+    assert not leftovers(), "a previous testbed was left behind"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memlend.bench.run",
+            "--quick",
+            "--config",
+            "lender",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # wait until the testbed is fully up: lender group and the mount exist
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            with open("/proc/mounts") as f:
+                mounted = any("memlend-bench" in line for line in f)
+            if mounted and glob.glob("/sys/fs/cgroup/memory/memlend-bench*lender*"):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the testbed did not come up")
+        time.sleep(1.0)  # mid warm-up
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not leftovers()
+
+
+def test_sqlite_workload_checks_every_row(tmp_path: Path) -> None:
+    db = str(tmp_path / "db.sqlite")
+    rows = workloads.make_db(db, 4 << 20)
+    out = subprocess.run(
+        workloads.sqlite_cmd(sys.executable, db, 0.3, rows), capture_output=True, text=True
+    )
+    res = workloads.parse_sqlite(out.stdout)
+    assert res["ios"] > 0 and res["fio_error"] == 0 and res["bad_rows"] == 0
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.execute("UPDATE t SET v = zeroblob(4000)")
+    con.commit()
+    con.close()
+    out = subprocess.run(
+        workloads.sqlite_cmd(sys.executable, db, 0.2, rows), capture_output=True, text=True
+    )
+    assert workloads.parse_sqlite(out.stdout)["fio_error"] != 0
