@@ -32,6 +32,7 @@ log = logging.getLogger("memlend")
 
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
 PUT_QUEUE_BYTES = 16 << 20  # evicted blocks waiting for the lenders, at most
+EXIT_GRACE = 5  # seconds to wait, after unmount, for workers still inside a request
 
 
 @dataclass
@@ -276,8 +277,16 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
             "" if session.mmap_allowed else " (kernel lacks DIRECT_IO_ALLOW_MMAP: no shared mmap)",
         )  # fmt: skip
         ready(None)
+        closed_at = None
         while not session.wait(timeout=0.5):
-            pass
+            if session.closed.is_set():
+                closed_at = closed_at or time.monotonic()
+                if time.monotonic() - closed_at > EXIT_GRACE:
+                    # Unmounted, but a worker is still inside a request: the kernel no
+                    # longer waits for it, so neither do we (it is a daemon thread).
+                    log.warning("%d workers still busy %d s after unmount; exiting",
+                                session.busy_workers(), EXIT_GRACE)  # fmt: skip
+                    break
     except BaseException as e:
         ready(f"mount {cfg.mountpoint}: {e}")
         _unmount_quietly(cfg.mountpoint)
@@ -286,7 +295,10 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         fs.destroy()
         os.close(fd)
         if tier is not None:
+            t0 = time.monotonic()
             tier.close()
+            if time.monotonic() - t0 > 2:
+                log.warning("closing the remote tier took %.1f s", time.monotonic() - t0)
         cache.close()
     log.info("unmounted %s", cfg.mountpoint)
     return 0

@@ -56,6 +56,7 @@ class Session:
         self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
         self._workers: list[threading.Thread] = []
+        self.closed = threading.Event()  # set when a worker found the mount gone
         self._handlers: dict[int, Callable[..., object]] = {
             Op.LOOKUP: self._lookup,
             Op.FORGET: self._forget,
@@ -148,6 +149,9 @@ class Session:
             t.start()
             self._workers.append(t)
 
+    def busy_workers(self) -> int:
+        return sum(t.is_alive() for t in self._workers)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the workers to end (after unmount); True if they all did."""
         for t in self._workers:
@@ -196,6 +200,7 @@ class Session:
                     continue  # ENOENT: the request was interrupted before we got it
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted, the normal end
                     log.error("reading /dev/fuse failed: %s", e)
+                self.closed.set()
                 return
             _, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack(buf, 0)
             if opcode == _READ:
