@@ -28,7 +28,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 lint: install
 	$(BIN)/ruff check src tests

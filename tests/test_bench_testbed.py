@@ -20,6 +20,10 @@ from memlend.errors import UserError
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="the testbed needs root")
 
+# Each test checks that no other testbed exists: under pytest-xdist they must run on one
+# worker, one after the other (`--dist loadgroup` in the Makefile).
+pytestmark = pytest.mark.xdist_group("testbed")
+
 
 def leftovers() -> list[str]:
     """Anything of a testbed still present: cgroups, namespaces, mounts, processes."""

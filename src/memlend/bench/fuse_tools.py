@@ -219,7 +219,8 @@ _procs: list[subprocess.Popen] = []
 _pids: list[int] = []  # memlend daemons (not our children: `memlend mount` detaches them)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Is `pid` running (a zombie is not)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(") ", 1)[1][0] != "Z"
@@ -240,17 +241,29 @@ def _umount(path: str) -> None:
         subprocess.run(["umount", "-l", path], capture_output=True)
 
 
-def _kill_pid(pid: int, timeout: float = 5.0) -> None:
-    if not _alive(pid):
+def kill_pid(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`."""
+    if not alive(pid):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def stop(p: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Terminate a child, kill it after `timeout`, reap it."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def cleanup() -> None:
@@ -258,15 +271,9 @@ def cleanup() -> None:
     for m in reversed(_mounts):
         _umount(m)
     for p in _procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(p)
     for pid in _pids:
-        _kill_pid(pid)
+        kill_pid(pid)
     _mounts.clear()
     _procs.clear()
     _pids.clear()
@@ -374,7 +381,7 @@ class Memlend:
                 self._cli("umount", self.mountpoint)
         except Exception:
             _umount(self.mountpoint)
-        _kill_pid(self.pid)
+        kill_pid(self.pid)
 
 
 class MinimalServer:

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -109,31 +108,14 @@ def _memlend(*args: str, cpu: int | None = None, timeout: float = 60) -> str:
     return res.stdout
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    end = time.monotonic() + 5
-    while ft._alive(pid) and time.monotonic() < end:
-        time.sleep(0.02)
-    if ft._alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def cleanup() -> None:
     for m in reversed(_mounts):
         if ft.is_mounted(m) and subprocess.run(["umount", m], capture_output=True).returncode:
             subprocess.run(["umount", "-l", m], capture_output=True)
     for pid in _daemons:
-        _kill(pid)
+        ft.kill_pid(pid)
     for p in _procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        ft.stop(p)
     _mounts.clear()
     _daemons.clear()
     _procs.clear()
@@ -166,7 +148,7 @@ class Mount:
             _memlend("umount", str(self.mnt))
         if ft.is_mounted(str(self.mnt)):
             subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
-        _kill(self.pid)
+        ft.kill_pid(self.pid)
 
 
 COUNTERS = (

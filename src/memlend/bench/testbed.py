@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memlend.bench import fuse_tools as ft
 from memlend.errors import UserError
 
 PREFIX = "memlend-bench"
@@ -146,20 +147,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
 
 
 @dataclass
@@ -317,22 +304,16 @@ class Testbed:
     def umount(self, mnt: str) -> None:
         with contextlib.suppress(Exception):
             self.memlend_cli("umount", mnt, timeout=30)
-        if mounted(mnt):
+        if ft.is_mounted(mnt):
             subprocess.run(["umount", "-l", mnt], capture_output=True)
         for pid in list(self.daemons):
-            _kill(pid)
+            ft.kill_pid(pid)
             self.daemons.remove(pid)
         with contextlib.suppress(ValueError):
             self.mounts.remove(mnt)
 
     def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        ft.stop(p)
         with contextlib.suppress(ValueError):
             self.procs.remove(p)
 
@@ -347,12 +328,12 @@ class Testbed:
             for p in list(self.procs):
                 self.stop(p)
             for pid in self.daemons:
-                _kill(pid)
+                ft.kill_pid(pid)
             for g in list(self.groups):
                 g.remove()
             for ns in self.namespaces:
                 for pid in _netns_pids(ns):
-                    _kill(pid)
+                    ft.kill_pid(pid)
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             for g in leftover_groups(self.tag):
                 g.remove()
@@ -368,17 +349,6 @@ class Testbed:
 def _netns_pids(ns: str) -> list[int]:
     r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    end = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < end:
-        time.sleep(0.02)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def leftover_groups(tag: str = PREFIX) -> list[Group]:
