@@ -79,6 +79,9 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         b.mkdir(exist_ok=True)
         m = tmp_path / f"mnt{n}"
         m.mkdir()
+        # The daemon's log in tmp_path: tests must not litter /run/memlend.
+        if "--log-file" not in options:
+            options = (*options, "--log-file", str(tmp_path / f"mount{n}.log"))
         memlend("mount", str(b), str(m), *options)
         pid = json.loads(memlend("stats", str(m), "--json").stdout)["pid"]
         made.append(Mount(b, m, pid))

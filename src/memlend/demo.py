@@ -91,7 +91,10 @@ def _one_run(
     label: str, backing: str, mnt: str, names: list[str], args: argparse.Namespace,
     extra: list[str], progress: Progress,
 ) -> Run:  # fmt: skip
-    proc = _memlend("mount", backing, mnt, "--cache-size", str(args.cache_size), *extra)
+    log = mnt + ".log"  # beside the mountpoint, in the demo's temporary directory
+    proc = _memlend(
+        "mount", backing, mnt, "--cache-size", str(args.cache_size), "--log-file", log, *extra
+    )
     if proc.returncode != 0:
         raise UserError(proc.stderr.strip().removeprefix("memlend: "))
     try:
