@@ -25,6 +25,14 @@ needs_root = pytest.mark.skipif(not ROOT, reason="the testbed needs root")
 pytestmark = pytest.mark.xdist_group("testbed")
 
 
+def settled_leftovers(timeout: float = 60) -> list[str]:
+    """leftovers(), once a testbed that is still tearing down has had time to finish."""
+    end = time.monotonic() + timeout
+    while (left := leftovers()) and time.monotonic() < end:
+        time.sleep(0.5)
+    return left
+
+
 def leftovers() -> list[str]:
     """Anything of a testbed still present: cgroups, namespaces, mounts, processes."""
     found = glob.glob("/sys/fs/cgroup/*/memlend-bench*")
@@ -135,7 +143,7 @@ def test_report_renders_ratios_and_errors(tmp_path: Path) -> None:
 
 @needs_root
 def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
-    assert not leftovers(), "a previous testbed was left behind"
+    assert not settled_leftovers(), "a previous testbed was left behind"
     out = tmp_path / "out"
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -170,7 +178,7 @@ def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
 
 @needs_root
 def test_interrupted_bench_leaves_nothing(tmp_path: Path) -> None:
-    assert not leftovers(), "a previous testbed was left behind"
+    assert not settled_leftovers(), "a previous testbed was left behind"
     proc = subprocess.Popen(
         [
             sys.executable,
