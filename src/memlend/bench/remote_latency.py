@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memlend.bench import fuse_tools as ft
+from memlend.remote.tierbench import wait_port
 
 MiB = 1 << 20
 CLIENT_CPU = 0  # reader and mount daemon
@@ -79,24 +80,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    end = time.monotonic() + 15
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{what} on port {port} did not start (status {proc.poll()})")
-
-
 def _start_server(cmd: list[str], port: int, what: str, log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
         proc = subprocess.Popen(
             ft.taskset(SERVER_CPU) + cmd, stdout=f, stderr=f, stdin=subprocess.DEVNULL
         )
     _procs.append(proc)
-    _wait_port(port, proc, what)
+    wait_port(port, proc, what, timeout=15)
     return proc
 
 

@@ -35,15 +35,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen) -> None:
-    end = time.monotonic() + 10
+def wait_port(port: int, proc: subprocess.Popen, what: str = "server", timeout: float = 10) -> None:
+    """Wait until `proc` accepts connections on loopback `port`; RuntimeError if it
+    exits or does not within `timeout` (also used by memlend.bench.remote_latency)."""
+    end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.02)
-    raise SystemExit(f"server on port {port} did not start")
+    raise RuntimeError(f"{what} on port {port} did not start (status {proc.poll()})")
 
 
 def _time(fn: Callable[[], object], n: int) -> list[float]:
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(
             subprocess.Popen(pin + mc, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
-        _wait_port(lport, procs[0])
-        _wait_port(mport, procs[1])
+        try:
+            wait_port(lport, procs[0], "lender")
+            wait_port(mport, procs[1], "memcached")
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
 
         keys = [b"E" * 8 + b"F" * 8 + b"\0" * 8 + i.to_bytes(8, "big") for i in range(256)]
         block = os.urandom(4096)
