@@ -202,6 +202,35 @@ def test_wrong_auth_secret_marks_the_lender_down_without_errors_upstream(lenders
         assert s["remote_dropped_puts"] == 10 and s["remote_misses"] == 10
 
 
+def test_a_passing_stall_is_probed_again_at_once_not_after_probe_interval(
+    lenders, secret
+) -> None:
+    """Reads that time out suspend the lender; the prober looks again within tens of
+    ms (then backs off), so a stall of a few ms does not send reads to the disk for
+    a whole probe interval (here 30 s)."""
+    proc, port = lenders()
+    with RemoteTier(
+        [f"memlend://127.0.0.1:{port}"],
+        secret,
+        SEAL,
+        deadline=0.005,
+        probe_interval=30.0,
+        connect_timeout=0.5,
+        **LOOSE,
+    ) as tier:
+        data = blocks(8)
+        put_all(tier, data)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                tier.get_many(list(data)[:1])
+            assert state(tier) == "suspended"
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        wait_for(lambda: state(tier) == "active", 5, "the lender probed again and resumed")
+        assert tier.get_many(list(data)) == data
+
+
 def test_a_stopped_lender_is_suspended_then_resumed(lenders, secret) -> None:
     proc, port = lenders()
     with RemoteTier(

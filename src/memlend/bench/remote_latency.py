@@ -60,7 +60,7 @@ class Plan:
     small_cache: str = "2M"
     big_cache: str = "256M"
     lender_memory: str = "256M"
-    lender_spins: tuple[int, ...] = (0, 200)  # besides the default 50
+    lender_spins: tuple[int, ...] = (0, 50)  # besides the default 200
 
 
 def quick_plan() -> Plan:
@@ -299,7 +299,7 @@ def run(plan: Plan, work: Path) -> dict:
     lender_cmd += ["--memory", plan.lender_memory, "--block-size", BLOCK, "--reserve", "64M"]
     lender_cmd += ["--secret-file", str(secret), "--foreground"]
     lender = _start_server(lender_cmd, lport, "lender", work / "lender.log")
-    # The same lender with other spins after each request (--busy-poll-us; default 50).
+    # The same lender with other spins after each request (--busy-poll-us; default 200).
     spin_ports = {}
     for spin in plan.lender_spins:
         port = _free_port()

@@ -40,7 +40,7 @@ class ServerConfig:
     auth_timeout: float = 5.0
     frame_timeout: float = 10.0  # a started frame must complete within this
     max_connections: int = 64
-    busy_poll_us: int = 50
+    busy_poll_us: int = 200  # see --busy-poll-us
     watch_interval: float = 0.1
 
 

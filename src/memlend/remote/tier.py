@@ -39,7 +39,9 @@ read back is deleted from its lender, asynchronously, by the put thread.
 Health (memlend.remote.health): a call that fails marks its lender down; a lender
 whose round trips average above 2.5 ms, take one above 40 ms, or time out three
 times in a row is suspended. A prober thread reconnects to and pings such lenders
-every `probe_interval` and reactivates them when they answer fast; it also pings
+every `probe_interval` and reactivates them when they answer fast; a lender just
+suspended by timed-out reads is probed after 20 ms, then at doubling intervals
+(a stall of a few ms used to cost half a second of disk reads). It also pings
 active lenders and reads their STATS (blocks held).
 
 Invariant 2: no call of this class fails or hangs an application call; every
@@ -71,6 +73,10 @@ MODES = ("inclusive", "exclusive")
 # A pooled connection unused this long is closed rather than used: the lender may
 # have closed it (--idle-timeout, 300 s by default), and a read must not find out.
 POOL_IDLE = 60.0
+# A lender suspended by timed-out reads is probed again after this long, then at
+# doubling intervals up to probe_interval: a passing stall (a scheduling hiccup on
+# either host) must not send every read to the disk for half a second.
+REPROBE_FIRST = 0.02
 
 
 class _MemlendClient(LenderClient):
@@ -293,6 +299,7 @@ class RemoteTier:
         self._wake = threading.Event()
         self._busy = False
         self._stop = threading.Event()
+        self._reprobe = threading.Event()  # a lender just left active: probe it soon
 
         self._probe_all(first=True)
         self._threads = [
@@ -419,6 +426,8 @@ class RemoteTier:
         if isinstance(e, RemoteTimeout):
             self._count(remote_timeouts=1)
             ld.health.timeout(elapsed)
+            if not ld.health.active:
+                self._reprobe.set()
         else:
             self._count(remote_errors=1)
             was_active = ld.health.active
@@ -611,11 +620,29 @@ class RemoteTier:
     # ---- health -----------------------------------------------------------------------
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self.probe_interval):
+        delay = self.probe_interval
+        first = REPROBE_FIRST  # grows while suspensions keep coming back (flapping)
+        last_kick = 0.0
+        while not self._stop.is_set():
+            self._reprobe.wait(delay)
+            if self._stop.is_set():
+                return
+            kicked = self._reprobe.is_set()
+            self._reprobe.clear()
+            if kicked:
+                now = time.monotonic()
+                flapping = now - last_kick < 1.0
+                first = min(self.probe_interval, first * 2) if flapping else REPROBE_FIRST
+                last_kick = now
+                self._stop.wait(first)  # let the stall pass before judging
             try:
                 self._probe_all()
             except Exception:
                 self._count(remote_errors=1)
+            if all(ld.health.active for ld in self.lenders):
+                delay = self.probe_interval
+            else:
+                delay = min(self.probe_interval, first * 2 if kicked else delay * 2)
 
     def _probe_all(self, first: bool = False) -> None:
         for ld in self.lenders:
@@ -717,6 +744,7 @@ class RemoteTier:
             return
         self._stop.set()
         self._wake.set()
+        self._reprobe.set()
         for t in self._threads:
             t.join(5)
         for ld in self.lenders:
