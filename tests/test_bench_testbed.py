@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memlend.bench import report_bench, run, testbed, workloads
+from memlend.bench import postmark, report_bench, run, testbed, workloads
 from memlend.errors import UserError
 
 ROOT = os.geteuid() == 0
@@ -236,3 +236,43 @@ def test_sqlite_workload_checks_every_row(tmp_path: Path) -> None:
         workloads.sqlite_cmd(sys.executable, db, 0.2, rows), capture_output=True, text=True
     )
     assert workloads.parse_sqlite(out.stdout)["fio_error"] != 0
+
+
+def test_postmark_runs_with_every_read_checked(tmp_path: Path) -> None:
+    shim = postmark.build_shim(tmp_path)
+    where = tmp_path / "fs"
+    where.mkdir()
+    out = subprocess.run(
+        postmark.cmd(sys.executable, str(where), str(where), 200, 1000, shim),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    res = postmark.parse(out.stdout)
+    pm = res["postmark"]
+    assert pm["checked_reads"] > 0 and pm["bad_reads"] == 0 and res["fio_error"] == 0
+    assert res["iops"] > 0 and not list(where.iterdir())  # Postmark's files are gone
+
+
+def test_read_checker_catches_a_wrong_byte(tmp_path: Path) -> None:
+    shim = postmark.build_shim(tmp_path)
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "mnt" / "f").write_bytes(b"x" * 10000)
+    (tmp_path / "ref" / "f").write_bytes(b"x" * 9999 + b"y")
+    code = f"open({str(tmp_path / 'mnt' / 'f')!r}, 'rb', buffering=0).read()"
+
+    def checked(ref: str) -> list[int]:
+        env = dict(
+            os.environ,
+            LD_PRELOAD=str(shim),
+            MEMLEND_CHECK_MNT=str(tmp_path / "mnt"),
+            MEMLEND_CHECK_REF=str(tmp_path / ref),
+            MEMLEND_CHECK_OUT=str(tmp_path / "out"),
+        )
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        return [int(x) for x in (tmp_path / "out").read_text().split()]
+
+    reads, nbytes, bad = checked("ref")
+    assert reads >= 1 and nbytes == 10000 and bad == 1
+    assert checked("mnt")[2] == 0

@@ -202,9 +202,7 @@ def test_wrong_auth_secret_marks_the_lender_down_without_errors_upstream(lenders
         assert s["remote_dropped_puts"] == 10 and s["remote_misses"] == 10
 
 
-def test_a_passing_stall_is_probed_again_at_once_not_after_probe_interval(
-    lenders, secret
-) -> None:
+def test_a_passing_stall_is_probed_again_at_once_not_after_probe_interval(lenders, secret) -> None:
     """Reads that time out suspend the lender; the prober looks again within tens of
     ms (then backs off), so a stall of a few ms does not send reads to the disk for
     a whole probe interval (here 30 s)."""

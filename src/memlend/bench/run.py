@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from memlend.bench import postmark
 from memlend.bench import testbed as tb
 from memlend.bench import workloads as wl
 from memlend.errors import UserError
@@ -54,6 +55,7 @@ class Plan:
     quick: bool
     netns: bool
     sqlite_rows: int = 0
+    shim: Path | None = None  # readcheck.so, built when postmark is in the plan
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,6 +267,13 @@ class ConfigRun:
         if work is wl.SQLITE:
             db = os.path.join(os.path.dirname(self.path()), wl.DB)
             cmd = wl.sqlite_cmd(sys.executable, db, self.plan.seconds, self.plan.sqlite_rows)
+        elif work is wl.POSTMARK:
+            assert self.plan.shim is not None
+            ref = str(self.bed.work / "backing")
+            files = postmark.files_for(self.plan.dataset)
+            trans = max(1000, int(400 * self.plan.seconds))
+            where = os.path.dirname(self.path())
+            cmd = postmark.cmd(sys.executable, where, ref, files, trans, self.plan.shim)
         spike: dict = {}
         timer = None
         if work is wl.SPIKE:
@@ -292,10 +301,10 @@ class ConfigRun:
         if spike:
             spike.update(self._spike_end(spike))
         self.bed.throttle(self.client, None, None)
-        if work is wl.SQLITE:
+        if work is wl.SQLITE or work is wl.POSTMARK:
             if r.returncode:
-                raise RuntimeError(f"sqlite queries failed: {r.stderr.strip()[-300:]}")
-            res = wl.parse_sqlite(r.stdout)
+                raise RuntimeError(f"{work.name} failed: {r.stderr.strip()[-300:]}")
+            res = (wl.parse_sqlite if work is wl.SQLITE else postmark.parse)(r.stdout)
         else:
             res = wl.parse_fio(r.stdout, work.main_job)
         row: dict = dict(res)
@@ -426,6 +435,8 @@ def run_matrix(plan: Plan, progress: bool = True) -> dict:
         if "sqlite" in plan.workloads:
             plan.sqlite_rows = wl.make_db(str(bed.work / "backing" / wl.DB), plan.dataset)
             meta["sqlite_rows"] = plan.sqlite_rows
+        if "postmark" in plan.workloads:
+            plan.shim = postmark.build_shim(bed.work)
         cells = [(c, w, d) for c in plan.configs for w in plan.workloads for d in plan.disks]
         with _Progress(progress, len(cells)) as bar:
             for config in plan.configs:

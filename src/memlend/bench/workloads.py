@@ -157,6 +157,15 @@ SQLITE = Workload(
     (),
 )
 WORKLOADS[SQLITE.name] = SQLITE
+# Postmark (memlend.bench.postmark): small files created, read whole, appended and
+# deleted on the mount; every read checked against the backing file by readcheck.so
+POSTMARK = Workload(
+    "postmark",
+    "Postmark: files of 4-64 KiB totalling about the data set, then read-whole-file/append "
+    "and create/delete transactions; iops = transactions/s; every read checked",
+    (),
+)
+WORKLOADS[POSTMARK.name] = POSTMARK
 # last: a lender killed by the spike would spoil the cells after it
 WORKLOADS[SPIKE.name] = SPIKE
 
