@@ -6,7 +6,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,22 +23,6 @@ needs_root = pytest.mark.skipif(not ROOT, reason="the testbed needs root")
 # Each test checks that no other testbed exists: under pytest-xdist they must run on one
 # worker, one after the other (`--dist loadgroup` in the Makefile).
 pytestmark = pytest.mark.xdist_group("testbed")
-
-
-def leftovers(pid: int | None = None) -> list[str]:
-    """Anything of a testbed still present: cgroups, namespaces, mounts, processes, work
-    directories; only those of the run in process `pid` if given (another test's testbed
-    may legitimately be running at the same time under pytest-xdist)."""
-    mine = re.compile(r"memlend-bench" if pid is None else rf"memlend-bench-{pid}(?!\d)")
-    found = glob.glob("/sys/fs/cgroup/*/memlend-bench*")
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += ns.splitlines()
-    with open("/proc/mounts") as f:
-        found += list(f)
-    pg = subprocess.run(["pgrep", "-af", "memlend-bench"], capture_output=True, text=True)
-    found += [line for line in pg.stdout.splitlines() if "pgrep" not in line]
-    found += glob.glob("/var/tmp/memlend-bench-*")
-    return [x for x in found if mine.search(x)]
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -173,7 +156,7 @@ def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
     assert 0 < pc["client_cache_after_warm"] <= res["meta"]["client_memory"]
     assert (out / "report.md").read_text().startswith("# memlend bench report")
     assert (out / "testbed-iops-cloud.png").exists()
-    assert not leftovers(proc.pid)
+    assert not testbed.leftovers(proc.pid)
     assert time.monotonic() - t0 < 240
 
 
@@ -215,7 +198,7 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err
-    assert not leftovers(proc.pid)
+    assert not testbed.leftovers(proc.pid)
 
 
 def test_sqlite_workload_checks_every_row(tmp_path: Path) -> None:

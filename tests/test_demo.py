@@ -1,29 +1,42 @@
-"""`memlend demo` (the README's first command) runs and cleans up after itself."""
+"""`memlend demo` (the README's first command) runs, prints its table, and cleans up."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
 
-def _demo_mounts() -> list[str]:
-    # Only the demo's own (in its temporary directory): other tests mount meanwhile.
-    with open("/proc/mounts") as f:
-        return [line for line in f if "memlend-demo-" in line]
+from memlend.bench.testbed import leftovers
+
+# a testbed: one at a time with the bench tests (`--dist loadgroup` in the Makefile)
+pytestmark = [
+    pytest.mark.xdist_group("testbed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the demo builds a testbed: root"),
+]
 
 
-def test_demo_runs_small_and_leaves_nothing_behind() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "memlend", "demo", "--dataset", "16M", "--cache-size", "8M",
-         "--reads", "2000"],
-        capture_output=True, text=True, timeout=120, check=False,
+def test_demo_prints_the_three_configurations_and_leaves_nothing() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memlend", "demo", "--client-memory", "64M", "--seconds", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    for label in ("LRU", "LIRS (the", "LIRS + a"):
-        assert label in proc.stdout
-    assert "Traceback" not in proc.stderr
-    assert _demo_mounts() == []
-    lenders = subprocess.run(
-        ["pgrep", "-f", "memlend lend --listen 127.0.0.1"], capture_output=True
-    )
-    assert lenders.stdout == b""
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    for label in ("pagecache:", "local:", "lender:", "speed-up", "1.00x"):
+        assert label in out, out
+    assert "NO" not in out and "Traceback" not in err
+    assert leftovers(proc.pid) == []
+
+
+def test_demo_refuses_bad_input_in_one_line() -> None:
+    for argv in (["--client-memory", "12XB"], ["--disk", "floppy"], ["--seconds", "0"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "memlend", "demo", *argv], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, argv
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

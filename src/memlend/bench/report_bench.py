@@ -38,6 +38,51 @@ def _hits(r: dict) -> str:
     return " / ".join(f"{k} {v:.2f}" for k, v in h.items()) or "—"
 
 
+# What "IOPS" counts in each workload's row.
+UNITS = {
+    "seqread": "1 MiB reads/s",
+    "hotscan": "hot-set 4 KiB reads/s",
+    "sqlite": "queries/s",
+    "postmark": "transactions/s",
+}
+TITLES = {
+    "local": "memlend's local cache vs the kernel page cache (same client memory)",
+    "lenders": "memlend with lenders vs memlend local vs the kernel page cache",
+}
+
+
+def _comparison(
+    rows: list[dict],
+    workloads: list[str],
+    disk: str,
+    kind: str,
+    configs: tuple[str, ...],
+    ratios: tuple[tuple[str, str], ...],
+) -> list[str]:
+    """One of the report's two tables: throughput per config, then speed-up ratios."""
+    if not any(_cell(rows, c, w, disk) for c in configs[1:] for w in workloads):
+        return []
+    out = [f"### {TITLES[kind]}", ""]
+    out.append(
+        "| workload | unit | "
+        + " | ".join(configs)
+        + " | "
+        + " | ".join(f"{a}/{b}" for a, b in ratios)
+        + " |"
+    )
+    out.append("|---" * (2 + len(configs) + len(ratios)) + "|")
+    for w in workloads:
+        cells = {c: _cell(rows, c, w, disk) for c in configs}
+        vals = [
+            "—" if r is None else "error" if r.get("error") else _fmt(r.get("iops"))
+            for r in cells.values()
+        ]
+        rs = [_ratio(cells.get(a), cells.get(b)) for a, b in ratios]
+        out.append(f"| {w} | {UNITS.get(w, '4 KiB reads/s')} | " + " | ".join(vals + rs) + " |")
+    out.append("")
+    return out
+
+
 def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     configs = [c for c in ORDER if any(r["config"] == c for r in rows)]
@@ -69,26 +114,13 @@ def markdown(result: dict) -> str:
     out.append("")
     for disk in disks:
         out += [f"## Disk profile: {disk}", ""]
-        out.append(
-            "| workload | "
-            + " | ".join(f"{c} IOPS" for c in configs)
-            + " | local/pagecache | lender/pagecache | lender/local |"
+        out += _comparison(
+            rows, workloads, disk, "local", ("pagecache", "local"), (("local", "pagecache"),)
         )
-        out.append("|---" * (len(configs) + 4) + "|")
-        for w in workloads:
-            cells = {c: _cell(rows, c, w, disk) for c in configs}
-            vals = []
-            for c in configs:
-                r = cells[c]
-                vals.append("error" if r is None or r.get("error") else _fmt(r.get("iops")))
-            out.append(
-                f"| {w} | "
-                + " | ".join(vals)
-                + f" | {_ratio(cells.get('local'), cells.get('pagecache'))}"
-                + f" | {_ratio(cells.get('lender'), cells.get('pagecache'))}"
-                + f" | {_ratio(cells.get('lender'), cells.get('local'))} |"
-            )
-        out.append("")
+        remote = [c for c in ("lender", "lenders", "memcached") if c in configs]
+        shown = [c for c in configs if c in ("pagecache", "local", *remote, "ideal")]
+        ratios = [(c, "pagecache") for c in remote] + [(c, "local") for c in remote[:1]]
+        out += _comparison(rows, workloads, disk, "lenders", tuple(shown), tuple(ratios))
         out.append(
             "| workload | config | IOPS | MB/s | p50 µs | p99 µs | disk I/Os | hit ratios "
             "| verified |"

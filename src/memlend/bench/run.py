@@ -396,8 +396,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_matrix(plan: Plan, progress: bool = True) -> dict:
-    tb.check_environment()
+def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") -> dict:
+    tb.check_environment(who)
     plan.out.mkdir(parents=True, exist_ok=True)
     bed = tb.Testbed(Path("/var/tmp") / f"{tb.PREFIX}-{os.getpid()}")
     # both installed explicitly: a SIGINT ignored by the parent (a background job of a

@@ -15,8 +15,10 @@ reached over a veth pair; `Testbed.netns` is False when `ip netns` is not usable
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,22 +38,37 @@ LENDER_CPU = 1
 MiB = 1 << 20
 
 
-def check_environment() -> None:
+def check_environment(who: str = "memlend bench") -> None:
     """Refuse, in one line naming the missing piece, when the testbed cannot be built."""
     if os.geteuid() != 0:
-        raise UserError("memlend bench needs root (cgroups, blkio throttling, mounts)")
+        raise UserError(f"{who} needs root (cgroups, blkio throttling, mounts)")
     for ctl in ("memory", "blkio", "cpuset"):
         if not (CGROOT / ctl / "cgroup.procs").exists():
-            raise UserError(f"memlend bench needs the cgroup v1 {ctl} controller at {CGROOT / ctl}")
+            raise UserError(f"{who} needs the cgroup v1 {ctl} controller at {CGROOT / ctl}")
     if not (CGROOT / "blkio" / "blkio.throttle.read_iops_device").exists():
-        raise UserError("memlend bench needs blkio throttling (CONFIG_BLK_DEV_THROTTLING)")
+        raise UserError(f"{who} needs blkio throttling (CONFIG_BLK_DEV_THROTTLING)")
     if not os.path.exists("/dev/fuse"):
-        raise UserError("memlend bench needs /dev/fuse (the fuse kernel module)")
+        raise UserError(f"{who} needs /dev/fuse (the fuse kernel module)")
     for tool in ("fio", "taskset"):
         if shutil.which(tool) is None:
-            raise UserError(f"memlend bench needs {tool} (not found in PATH)")
+            raise UserError(f"{who} needs {tool} (not found in PATH)")
     if (os.cpu_count() or 1) < 2:
-        raise UserError("memlend bench needs 2 CPUs (client on CPU 0, lenders on CPU 1)")
+        raise UserError(f"{who} needs 2 CPUs (client on CPU 0, lenders on CPU 1)")
+
+
+def leftovers(pid: int | None = None) -> list[str]:
+    """Anything of a testbed still present: cgroups, namespaces, mounts, processes, work
+    directories; only those of the run in process `pid` if given."""
+    mine = re.compile(PREFIX if pid is None else rf"{PREFIX}-{pid}(?!\d)")
+    found = glob.glob(f"/sys/fs/cgroup/*/{PREFIX}*")
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += ns.splitlines()
+    with open("/proc/mounts") as f:
+        found += list(f)
+    pg = subprocess.run(["pgrep", "-af", PREFIX], capture_output=True, text=True)
+    found += [line for line in pg.stdout.splitlines() if "pgrep" not in line]
+    found += glob.glob(f"/var/tmp/{PREFIX}-*")
+    return [x for x in found if mine.search(x)]
 
 
 def disk_of(path: Path) -> str:
