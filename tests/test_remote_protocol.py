@@ -212,3 +212,49 @@ def test_fuzz_valid_frames_split_anywhere_decode_the_same(data: st.DataObject) -
         assert events == whole
         assert len(events) == len(picked)
         assert conn.buffered == 0
+
+
+# ---- the lender's GET fast path ------------------------------------------------------
+
+
+def test_get_reply_parts_are_the_same_frame_as_send_get_reply() -> None:
+    _, s = handshake()
+    stored = [(memoryview(b"s" * 70), b"tail"), None, (b"", b"")]
+    joined = b"".join(p.get_reply_parts(9, stored))
+    assert joined == s.send_get_reply(9, [b"s" * 70 + b"tail", None, b""])
+
+
+def test_receive_gets_only_on_a_ready_connection_with_nothing_buffered() -> None:
+    c, s = handshake()
+    frames = c.send_get([b"a", b"b"], 1) + c.send_get([b"c"], 2)
+    assert s.receive_gets(frames) == [(1, [b"a", b"b"]), (2, [b"c"])]
+    assert s.receive_gets(frames[:-1]) is None  # a partial frame: the general path
+    assert s.receive_gets(frames + c.send_ping(b"", 3)) is None  # not only GETs
+    assert p.ServerConnection(KEY).receive_gets(frames) is None  # not authenticated
+    s.receive_data(frames[:5])
+    assert s.receive_gets(frames) is None  # a frame is half received
+
+
+@FUZZ
+@given(
+    st.lists(st.lists(st.binary(min_size=0, max_size=70), max_size=4), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.integers(0, 5),
+)
+def test_fuzz_receive_gets_agrees_with_receive_data(keysets: list, edits: list, cut: int) -> None:
+    c, _ = handshake()
+    data = bytearray()
+    for i, keys in enumerate(keysets):
+        ok = [k for k in keys if 0 < len(k) <= p.MAX_KEY_LEN]
+        data += c.send_get(ok, i)
+    for pos, val in edits:
+        data[pos % len(data)] = val
+    data = bytes(data[: len(data) - cut] if cut < len(data) else data)
+    fast = handshake()[1].receive_gets(data)
+    try:
+        events = handshake()[1].receive_data(data)
+    except p.ProtocolError:
+        assert fast is None  # anything refused is left to receive_data
+        return
+    if fast is not None:
+        assert [p.GetRequest(rid, keys) for rid, keys in fast] == events

@@ -145,18 +145,24 @@ class LyingStore(Store):
 
     mode = "honest"
 
-    def get(self, ns, key):  # type: ignore[override]
-        v = super().get(ns, key)
+    def get_parts(self, ns, key):  # type: ignore[override]
+        v = self.get_honest(ns, key)
         if v is None or self.mode == "honest":
-            return v
+            return None if v is None else (memoryview(v), b"")
         if self.mode == "swap":
             others = [k for k in ns.entries if k != key]
-            return bytes(super().get(ns, others[0])) if others else v
-        if self.mode == "flip":
+            v = self.get_honest(ns, others[0]) if others else v
+        elif self.mode == "flip":
             b = bytearray(v)
             b[len(b) // 2] ^= 1
-            return bytes(b)
-        return os.urandom(len(v))
+            v = bytes(b)
+        else:
+            v = os.urandom(len(v))
+        return memoryview(v), b""
+
+    def get_honest(self, ns, key) -> bytes | None:
+        parts = super().get_parts(ns, key)
+        return None if parts is None else bytes(parts[0]) + parts[1]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memlend.bench import run
-from memlend.bench.testbed import DISKS
+from memlend.bench.run import DISKS
 from memlend.errors import UserError
 from memlend.report import human_bytes
 

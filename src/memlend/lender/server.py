@@ -1,4 +1,4 @@
-"""The lender's network loop: one thread, epoll (selectors), non-blocking sockets.
+"""The lender's network loop: one thread, epoll, non-blocking sockets.
 
 Chosen by measurement (docs/remote.md, `python -m memlend.lender.iobench`): a
 single-threaded loop is as fast as thread-per-connection for a 4 KiB GET and
@@ -18,7 +18,7 @@ import contextlib
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import time
 from collections import deque
@@ -30,7 +30,7 @@ from memlend.remote import protocol as p
 
 log = logging.getLogger("memlend.lender")
 
-RECV_SIZE = 256 << 10
+RECV_SIZE = 64 << 10  # below glibc's mmap threshold: see memlend.remote.sockio
 MAX_OUTPUT = 8 << 20  # stop reading from a client that does not read its replies
 
 
@@ -55,7 +55,7 @@ class _Client:
     ns: Namespace | None = None
     out: deque = field(default_factory=deque)
     out_bytes: int = 0
-    mask: int = selectors.EVENT_READ
+    mask: int = select.EPOLLIN
     closing: bool = False
 
 
@@ -80,7 +80,9 @@ class LenderServer:
         self.auth_key = auth_key
         self.cfg = config or ServerConfig()
         self.watcher = watcher
-        self.sel = selectors.DefaultSelector()
+        # Raw epoll, not selectors: a selectors.select() call costs about 3 µs of Python,
+        # paid on every look of the busy-poll loop (docs/remote.md).
+        self.ep = select.epoll()
         self.clients: dict[int, _Client] = {}
         self.auth_failures = 0
         self.protocol_errors = 0
@@ -92,14 +94,15 @@ class LenderServer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         sock.setblocking(False)
-        self.sel.register(sock, selectors.EVENT_READ, None)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._listen_fd = sock.fileno()
+        self.ep.register(self._listen_fd, select.EPOLLIN)
+        self.ep.register(self._wake_r, select.EPOLLIN)
         self._pressure_fd = None
         self._urgent_until = 0.0
         if watcher is not None and watcher_events:
             self._pressure_fd = cgroup_pressure_fd(watcher.reserve)
             if self._pressure_fd is not None:
-                self.sel.register(self._pressure_fd, selectors.EVENT_READ, "pressure")
+                self.ep.register(self._pressure_fd, select.EPOLLIN)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -117,6 +120,7 @@ class LenderServer:
         next_tick = time.monotonic()
         spin_ns = self.cfg.busy_poll_us * 1000
         score, pause = 1.0, 0
+        poll, clock = self.ep.poll, time.perf_counter_ns
         try:
             while self._running:
                 now = time.monotonic()
@@ -124,7 +128,7 @@ class LenderServer:
                     self._tick(now)
                     urgent = now < self._urgent_until
                     next_tick = now + (URGENT_INTERVAL if urgent else self.cfg.watch_interval)
-                events = self.sel.select(max(0.0, next_tick - now))
+                events = poll(max(0.0, next_tick - now))
                 while events:
                     self._dispatch(events)
                     if not spin_ns or not self._running:
@@ -133,10 +137,10 @@ class LenderServer:
                         pause -= 1
                         break
                     # Bounded spin: catch the client's next request without a wake-up.
-                    deadline = time.perf_counter_ns() + spin_ns
-                    events = self.sel.select(0)
-                    while not events and time.perf_counter_ns() < deadline:
-                        events = self.sel.select(0)
+                    deadline = clock() + spin_ns
+                    events = poll(0)
+                    while not events and clock() < deadline:
+                        events = poll(0)
                     # Spins that rarely catch anything only burn the host's CPU (or
                     # delay a client on the same CPU): pause them for a while.
                     score = 0.9 * score + (0.1 if events else 0.0)
@@ -145,14 +149,21 @@ class LenderServer:
         finally:
             self._shutdown()
 
-    def _dispatch(self, events: list) -> None:
-        for key, mask in events:
-            if key.data is None:
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        clients = self.clients
+        for fd, mask in events:
+            c = clients.get(fd)
+            if c is not None:
+                if mask & select.EPOLLOUT:
+                    self._flush(c)
+                if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP) and not c.closing:
+                    self._read(c)
+            elif fd == self._listen_fd:
                 self._accept()
-            elif key.data == "wake":
+            elif fd == self._wake_r:
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 4096)
-            elif key.data == "pressure":  # the cgroup crossed limit - reserve: act now
+            elif fd == self._pressure_fd:  # the cgroup crossed limit - reserve: act now
                 with contextlib.suppress(OSError):
                     os.eventfd_read(self._pressure_fd)
                 now = time.monotonic()
@@ -160,12 +171,6 @@ class LenderServer:
                 # above the line, look again every 10 ms for a while.
                 self._urgent_until = now + URGENT_SECONDS
                 self._tick(now)
-            else:
-                c = key.data
-                if mask & selectors.EVENT_WRITE:
-                    self._flush(c)
-                if mask & selectors.EVENT_READ and not c.closing:
-                    self._read(c)
 
     def _tick(self, now: float) -> None:
         if self.watcher is not None:
@@ -205,15 +210,15 @@ class LenderServer:
             now = time.monotonic()
             c = _Client(s, f"{addr[0]}:{addr[1]}", p.ServerConnection(self.auth_key), now, now)
             self.clients[s.fileno()] = c
-            self.sel.register(s, selectors.EVENT_READ, c)
+            self.ep.register(s.fileno(), select.EPOLLIN)
 
     def _close(self, c: _Client, why: str | None = None) -> None:
         if self.clients.pop(c.sock.fileno(), None) is None:
             return
         if why:
             log.info("closing %s: %s", c.peer, why)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(c.sock)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(c.sock.fileno())
         c.sock.close()
 
     def _read(self, c: _Client) -> None:
@@ -228,6 +233,12 @@ class LenderServer:
             self._close(c)
             return
         c.last_active = time.monotonic()
+        gets = c.conn.receive_gets(data)
+        if gets is not None:  # the hot path: whole GET frames, nothing else
+            c.partial_since = None
+            for request_id, keys in gets:
+                self._reply_get(c, request_id, keys)
+            return
         try:
             events = c.conn.receive_data(data)
         except p.AuthError as e:
@@ -270,6 +281,26 @@ class LenderServer:
         c.out.append(data)
         c.out_bytes += len(data)
 
+    def _send_parts(self, c: _Client, parts: list[bytes | memoryview]) -> None:
+        """Send a reply given as buffers (slot views among them) with one sendmsg;
+        what the socket does not take now is copied and queued: a slot may be
+        overwritten by the next put."""
+        if not c.out:
+            try:
+                n = c.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._close(c, None if e.errno in (errno.EPIPE, errno.ECONNRESET) else e.strerror)
+                return
+            if n == sum(len(x) for x in parts):
+                return
+            rest = b"".join(parts)[n:]
+        else:
+            rest = b"".join(parts)
+        self._send(c, rest)
+        self._flush(c)
+
     def _flush(self, c: _Client) -> None:
         while c.out:
             buf = c.out[0]
@@ -288,28 +319,19 @@ class LenderServer:
         if c.closing and not c.out:
             self._close(c)
             return
-        want = selectors.EVENT_WRITE if c.out else 0
+        want = select.EPOLLOUT if c.out else 0
         if c.out_bytes < MAX_OUTPUT and not c.closing:
-            want |= selectors.EVENT_READ
+            want |= select.EPOLLIN
         if want != c.mask:
             c.mask = want
-            self.sel.modify(c.sock, want, c)
+            self.ep.modify(c.sock.fileno(), want)
 
     # ---- requests ------------------------------------------------------------------
 
     def _handle(self, c: _Client, ev: p.Event) -> None:
         conn, st = c.conn, self.store
         if isinstance(ev, p.GetRequest):
-            values: list = []
-            room = p.MAX_PAYLOAD - 2
-            for k in ev.keys:
-                v = st.get(c.ns, k)  # type: ignore[arg-type]
-                # A reply never exceeds a frame: what does not fit is reported missing.
-                if v is not None and len(v) + 5 > room:
-                    v = None
-                room -= 1 + (len(v) + 4 if v is not None else 0)
-                values.append(v)
-            self._send(c, conn.send_get_reply(ev.request_id, values))
+            self._reply_get(c, ev.request_id, ev.keys)
         elif isinstance(ev, p.PutRequest):
             stored = sum(st.put(c.ns, k, v) for k, v in ev.items)  # type: ignore[arg-type]
             self._send(c, conn.send_ack(ev.request_id, stored))
@@ -337,6 +359,24 @@ class LenderServer:
                 return
             self._send(c, conn.send_auth_ok(st.max_value))
 
+    def _reply_get(self, c: _Client, request_id: int, keys: list[bytes]) -> None:
+        get, ns = self.store.get_parts, c.ns
+        values: list[tuple[memoryview, bytes] | None] = []
+        room = p.MAX_PAYLOAD - 2
+        for k in keys:
+            v = get(ns, k)  # type: ignore[arg-type]
+            if v is not None:
+                # A reply never exceeds a frame: what does not fit is reported missing.
+                size = len(v[0]) + len(v[1]) + 5
+                if size > room:
+                    v = None
+                else:
+                    room -= size
+            if v is None:
+                room -= 1
+            values.append(v)
+        self._send_parts(c, p.get_reply_parts(request_id, values))
+
     def stats(self) -> dict:
         s = self.store.stats()
         s["clients"] = sum(1 for c in self.clients.values() if c.conn.authenticated)
@@ -351,9 +391,7 @@ class LenderServer:
     def _shutdown(self) -> None:
         for c in list(self.clients.values()):
             self._close(c)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(self.sock)
-        self.sel.close()
+        self.ep.close()
         if self._pressure_fd is not None:
             os.close(self._pressure_fd)
         self.sock.close()

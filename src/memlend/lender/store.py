@@ -104,6 +104,15 @@ class Store:
     # ---- data path ------------------------------------------------------------
 
     def get(self, ns: Namespace, key: bytes) -> bytes | memoryview | None:
+        parts = self.get_parts(ns, key)
+        if parts is None:
+            return None
+        body, tail = parts
+        return bytes(body) + tail if tail else body
+
+    def get_parts(self, ns: Namespace, key: bytes) -> tuple[memoryview, bytes] | None:
+        """The stored value as (slot bytes, tail), uncopied: the server sends both with
+        one sendmsg. The view is only valid until the next put or drop."""
         e = ns.entries.get(key)
         if e is None:
             self.misses += 1
@@ -111,10 +120,8 @@ class Store:
         self.hits += 1
         self.policy.touch((ns.index, key))
         slot, length, tail = e
-        view = self.arena.slot(slot)
-        if tail:
-            return bytes(view) + tail
-        return view[:length]
+        start = slot * self.slot_size
+        return self.arena.view[start : start + min(length, self.slot_size)], tail
 
     def put(self, ns: Namespace, key: bytes, value: bytes | memoryview) -> bool:
         """Store `value` under `key`; False if it was not stored (too big, no memory)."""

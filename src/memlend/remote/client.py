@@ -68,7 +68,7 @@ class LenderClient(SpinSocket):
     def _recv_some(self, deadline: float, spin: bool = False) -> None:
         data = self._recv(deadline, spin)
         try:
-            self._events.extend(self._conn.receive_data(data))
+            self._events += self._conn.receive_data(data)
         except p.AuthError as e:
             raise RemoteAuthError(str(e)) from None
         except p.ProtocolError as e:
@@ -76,14 +76,15 @@ class LenderClient(SpinSocket):
 
     def _expect(self, kind: type, deadline: float, request_id: int | None = None):
         spin = request_id is not None and self._spin()
+        events = self._events
         while True:
-            while self._events:
-                ev = self._events.pop(0)
+            if events:
+                ev = events.pop(0)
+                if type(ev) is kind and (request_id is None or ev.request_id == request_id):
+                    return ev
                 if isinstance(ev, p.ErrorReply):
                     cls = RemoteAuthError if ev.code == p.ErrorCode.AUTH else RemoteError
                     raise cls(f"lender refused: {ev.message}")
-                if isinstance(ev, kind) and (request_id is None or ev.request_id == request_id):
-                    return ev
                 raise RemoteError(f"unexpected reply {type(ev).__name__}")
             try:
                 self._recv_some(deadline, spin)

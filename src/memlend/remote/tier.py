@@ -315,10 +315,6 @@ class RemoteTier:
         with self._clock:
             for k, v in kw.items():
                 self.c[k] += v
-            if self._stats is not None:
-                for k in ("remote_hits", "remote_misses"):
-                    if k in kw and hasattr(self._stats, k):
-                        setattr(self._stats, k, getattr(self._stats, k) + kw[k])
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -327,19 +323,34 @@ class RemoteTier:
         found: dict[bytes, bytes] = {}
         if not keys:
             return found
-        t0 = time.monotonic()
-        deadline = t0 + self.deadline
+        # (lender, hits, misses) of this call, counted under one lock at the end: this
+        # is the hot path of every remote hit, so it takes _clock once, not per step.
+        tally: list[tuple[_Lender, int, int]] = []
+        errors = 0
         try:
-            self._get_many(keys, found, t0, deadline)
+            self._get_many(keys, found, tally)
         except Exception:  # invariant 2: never fail an application call
-            self._count(remote_errors=1)
-        hits = len(found)
-        self._count(remote_hits=hits, remote_misses=len(keys) - hits)
+            errors = 1
+        hits, misses = len(found), len(keys) - len(found)
+        with self._clock:
+            c = self.c
+            c["remote_hits"] += hits
+            c["remote_misses"] += misses
+            c["remote_errors"] += errors
+            for ld, h, m in tally:
+                ld.hits += h
+                ld.misses += m
+            st = self._stats
+            if st is not None:
+                st.remote_hits += hits
+                st.remote_misses += misses
         return found
 
     def _get_many(
-        self, keys: list[bytes], found: dict[bytes, bytes], t0: float, deadline: float
+        self, keys: list[bytes], found: dict[bytes, bytes], tally: list[tuple[_Lender, int, int]]
     ) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.deadline
         # Blocks still in the put queue (evicted a moment ago) are answered from it.
         pending, inflight = self._pending, self._inflight
         if pending or inflight:
@@ -359,14 +370,19 @@ class RemoteTier:
             keys = rest
             if not keys:
                 return
-        if any(not 0 < len(k) <= p.MAX_KEY_LEN for k in keys):
-            keys = [k for k in keys if 0 < len(k) <= p.MAX_KEY_LEN]  # others: misses
+        for k in keys:
+            if not 0 < len(k) <= p.MAX_KEY_LEN:
+                keys = [k for k in keys if 0 < len(k) <= p.MAX_KEY_LEN]  # others: misses
+                break
+        lenders = self.lenders
+        if len(lenders) == 1:
+            groups = [(lenders[0], keys)] if keys else []
+        else:
+            groups = [(lenders[i], ks) for i, ks in self._placement.group(keys).items()]
         calls: list[tuple[_Lender, Client, int, list[bytes], Any]] = []
-        for idx, ks in self._placement.group(keys).items():
-            ld = self.lenders[idx]
-            if not ld.health.active:
-                with self._clock:
-                    ld.misses += len(ks)
+        for ld, ks in groups:
+            if ld.health.state != ACTIVE:
+                tally.append((ld, 0, len(ks)))
                 continue
             c = None
             try:
@@ -376,51 +392,51 @@ class RemoteTier:
             except Exception as e:
                 if c is not None:
                     c.close()
+                tally.append((ld, 0, len(ks)))
                 self._fault(ld, e, time.monotonic() - t0)
         if not calls:
             return
-        opened: list[tuple[_Lender, list[bytes], list[bytes | None]]] = []
+        bad = 0
+        fetched: list[bytes] = []
+        missed: list[bytes] = []
+        unseal = self._sealer.open
         for ld, c, gen, ks, token in calls:
             try:
                 values = c.finish_get(token, deadline)
             except Exception as e:
                 c.close()
+                tally.append((ld, 0, len(ks)))
                 self._fault(ld, e, time.monotonic() - t0)
                 continue
-            ld.health.ok(time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
+            ld.health.ok(elapsed)
             ld.release(c, gen)
-            opened.append((ld, ks, values))
-        self._latencies.append(time.monotonic() - t0)
-        bad = 0
-        for ld, ks, values in opened:
+            self._latencies.append(elapsed)
             n = 0
             for k, blob in zip(ks, values, strict=True):
-                if blob is None:
-                    continue
-                try:
-                    found[k] = self._sealer.open(k, blob)
-                    n += 1
-                except SealError:
-                    bad += 1
-            with self._clock:
-                ld.hits += n
-                ld.misses += len(ks) - n
+                if blob is not None:
+                    try:
+                        found[k] = unseal(k, blob)
+                        fetched.append(k)
+                        n += 1
+                        continue
+                    except SealError:
+                        bad += 1
+                missed.append(k)
+            tally.append((ld, n, len(ks) - n))
         if bad:
             self._count(seal_failures=bad)
-        fetched = [k for _, ks, _ in opened for k in ks if k in found]
         if self.mode == "exclusive":
             self._delete_later(fetched)
         else:
             self.remember_fetched(*fetched)
-            if self._known:
+            if missed and self._known:
                 # A lender that answered without a valid copy does not hold the block
                 # (it dropped it, e.g. when its host wanted the memory back): forget
                 # that it did, or every later eviction of it is skipped for good.
-                missed = [k for _, ks, _ in opened for k in ks if k not in found]
-                if missed:
-                    with self._qlock:
-                        for k in missed:
-                            self._known.pop(k, None)
+                with self._qlock:
+                    for k in missed:
+                        self._known.pop(k, None)
 
     def _fault(self, ld: _Lender, e: BaseException, elapsed: float) -> None:
         if isinstance(e, RemoteTimeout):
