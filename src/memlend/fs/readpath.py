@@ -21,7 +21,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
 from memlend.fs.stream import STREAM_AFTER, STREAM_MIN, ReadAhead, Stream
 from memlend.stats import MountStats
 
@@ -138,9 +138,12 @@ class ReadPath:
                 if n >= 0:
                     end = min(n, start + size)
                     return [out[start:end]] if end > start else []
-                lens = [-1]
             else:
                 lens = cache.copy_out(base, first, last, out, start, start + size)
+        if first == last:  # a one-block miss, filled outside the lock
+            n = self._fill_one(fd, state, version, base | first, out, buffered)
+            end = min(n, start + size)
+            return [out[start:end]] if end > start else []
         if -1 in lens:
             self._fill_misses(fd, state, version, base, first, lens, out, buffered)
         # The data ends at the first short block (end of file).
@@ -151,6 +154,35 @@ class ReadPath:
                 break
         end = min(end, start + size)
         return [out[start:end]] if end > start else []
+
+    def _read_disk(self, fd: int, into: memoryview, offset: int, buffered: bool) -> int:
+        n = os.preadv(fd, [into], offset)
+        if buffered:  # no O_DIRECT here: keep the page cache from holding a copy
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+        self.stats.disk_reads += 1
+        self.stats.disk_read_bytes += n
+        return n
+
+    def _fill_one(
+        self, fd: int, state: FileState, version: int, key: int, out: memoryview, buffered: bool
+    ) -> int:
+        """_fill_misses for the commonest miss, one block: from a lender if one has it,
+        else from the backing store; cached unless a write raced with us. Returns the
+        block's valid length."""
+        bs, block = self.bs, key & BLOCK_MASK
+        n = -1
+        if self.remote is not None:
+            data = self.remote.get_one(_REMOTE_KEY.pack(self.epoch, state.file_id, version, block))
+            if data is not None and len(data) <= bs:  # longer: not a block of ours
+                n = len(data)
+                out[:n] = data
+        if n < 0:
+            n = self._read_disk(fd, out[:bs], block * bs, buffered)
+        if n:
+            with self.cache.lock:
+                if state.version == version:  # else a write raced with us: cache nothing
+                    self.cache.insert(key, out[:n])
+        return n
 
     def _ask_remote(
         self,
@@ -199,11 +231,7 @@ class ReadPath:
             while j < count and lens[j] < 0:
                 j += 1
             # One aligned read for the run of misses i..j-1.
-            n = os.preadv(fd, [out[i * bs : j * bs]], (first + i) * bs)
-            if buffered:  # no O_DIRECT here: keep the page cache from holding a copy
-                os.posix_fadvise(fd, (first + i) * bs, n, os.POSIX_FADV_DONTNEED)
-            self.stats.disk_reads += 1
-            self.stats.disk_read_bytes += n
+            n = self._read_disk(fd, out[i * bs : j * bs], (first + i) * bs, buffered)
             for k in range(i, j):
                 got = max(0, min(bs, n - (k - i) * bs))
                 lens[k] = got

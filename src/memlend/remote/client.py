@@ -66,7 +66,9 @@ class LenderClient(SpinSocket):
     # ---- plumbing -----------------------------------------------------------------
 
     def _recv_some(self, deadline: float, spin: bool = False) -> None:
-        data = self._recv(deadline, spin)
+        self._recv_events(self._recv(deadline, spin))
+
+    def _recv_events(self, data: bytes) -> None:
         try:
             self._events += self._conn.receive_data(data)
         except p.AuthError as e:
@@ -120,6 +122,30 @@ class LenderClient(SpinSocket):
                 raise RemoteError("lender answered a different number of keys")
             out.extend(reply.values)
         return out
+
+    def get_one(self, key: bytes, deadline: float) -> bytes | memoryview | None:
+        """One key's stored value (None: not there), answered by `deadline`: the remote
+        tier's common call, served by the protocol's one-value fast path when the
+        reply comes in one piece. Any failure closes the client (RemoteError)."""
+        rid = next(self._ids) & 0xFFFFFFFF
+        try:
+            self._send(self._conn.send_get((key,), rid), deadline)
+            data = self._recv(deadline, self._spin())
+            value = self._conn.receive_value(data, rid)
+            if value is not p.NOT_FAST:
+                return value
+            self._recv_events(data)
+            reply = self._expect(p.GetReply, deadline, rid)
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"lender connection failed: {e}") from e
+        except RemoteError:
+            self.close()
+            raise
+        if len(reply.values) != 1:
+            self.close()
+            raise RemoteError("lender answered a different number of keys")
+        return reply.values[0]
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Store clean blocks; returns how many the lender kept (it may refuse any)."""

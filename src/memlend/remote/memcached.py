@@ -163,6 +163,10 @@ class MemcachedClient(SpinSocket):
             out[i] = bytes(self._buf[:n])
             del self._buf[: n + 2]
 
+    def get_one(self, key: bytes, deadline: float) -> bytes | None:
+        """One key's value (None: not stored), answered by `deadline`."""
+        return self.finish_get(self.start_get((key,)), deadline)[0]
+
     def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []

@@ -96,6 +96,8 @@ class InvalidateMode(enum.IntEnum):
 
 
 _T_GET, _T_GET_REPLY, _T_ERROR = int(MsgType.GET), int(MsgType.GET_REPLY), int(MsgType.ERROR)
+_ONE_KEY = [b"\0\1" + bytes([n]) for n in range(256)]  # a one-key GET payload's head
+NOT_FAST = object()  # receive_value(): "not the common case, use receive_data"
 
 
 class ErrorCode(enum.IntEnum):
@@ -689,7 +691,43 @@ class ClientConnection(_Connection):
         return self._auth
 
     def send_get(self, keys: Sequence[bytes], request_id: int = 0) -> bytes:
+        if len(keys) == 1 and 1 <= len(keys[0]) <= MAX_KEY_LEN and 0 <= request_id <= 0xFFFFFFFF:
+            k = keys[0]  # the remote tier's common request, packed directly
+            return HEADER.pack(MAGIC, VERSION, _T_GET, 0, request_id, 3 + len(k)) + _ONE_KEY[
+                len(k)
+            ] + bytes(k)
         return encode_frame(MsgType.GET, request_id, *_encode_keys(keys))
+
+    def receive_value(self, data: bytes, request_id: int) -> memoryview | object | None:
+        """The fast path of receive_data for the remote tier's common reply: `data` is
+        exactly one whole GET_REPLY to `request_id` carrying one value, on a ready
+        connection with nothing buffered. Returns the value (None: not found), or
+        NOT_FAST for anything else; then feed the same bytes to receive_data."""
+        n = len(data)
+        if (
+            n < HEADER_SIZE + 3
+            or not self.authenticated
+            or self._dead is not None
+            or self._frames.buffered
+        ):
+            return NOT_FAST
+        magic, version, mtype, flags, rid, length = HEADER.unpack_from(data)
+        if (
+            mtype != _T_GET_REPLY
+            or rid != request_id
+            or magic != MAGIC
+            or version != VERSION
+            or flags
+            or length != n - HEADER_SIZE
+            or data[HEADER_SIZE : HEADER_SIZE + 2] != b"\0\1"
+        ):
+            return NOT_FAST
+        found = data[HEADER_SIZE + 2]
+        if found == 0 and length == 3:
+            return None
+        if found == 1 and length >= 7 and _U32.unpack_from(data, HEADER_SIZE + 3)[0] == length - 7:
+            return memoryview(data)[HEADER_SIZE + 7 :]  # the sealed blob, uncopied
+        return NOT_FAST
 
     def send_put(
         self, items: Iterable[tuple[bytes, bytes | memoryview]], request_id: int = 0

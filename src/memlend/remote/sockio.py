@@ -116,10 +116,13 @@ class SpinSocket:
     def _recv(self, deadline: float, spin: bool) -> bytes:
         """Whatever arrives next (spinning first if asked); RemoteError at EOF."""
         sock = self._require()
-        try:
-            data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        if spin:  # a reply cannot be there yet: a failed recv() would cost 1.2 µs
             data = self._recv_wait(sock, deadline, spin)
+        else:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = self._recv_wait(sock, deadline, spin)
         if not data:
             raise RemoteError(f"{self.what} closed the connection")
         return data

@@ -318,6 +318,66 @@ class RemoteTier:
 
     # ---- reads ------------------------------------------------------------------------
 
+    def get_one(self, key: bytes) -> bytes | None:
+        """Plaintext of one block, or None: get_many for the commonest call (a small
+        read that misses one block), without its lists and dicts. Never raises."""
+        pending, inflight = self._pending, self._inflight
+        if pending or inflight:
+            queued = pending.get(key) or inflight.get(key)
+            if queued is not None:  # evicted a moment ago, not sent yet: get_many says it
+                return self.get_many([key]).get(key)
+        lenders = self.lenders
+        ld = lenders[0] if len(lenders) == 1 else lenders[self._placement.owner(key)]
+        data: bytes | None = None
+        bad = errors = 0
+        if ld.health.state == ACTIVE and 0 < len(key) <= p.MAX_KEY_LEN:
+            c = None
+            t0 = time.monotonic()
+            try:
+                c, gen = ld.acquire(self.deadline)
+                blob = c.get_one(key, t0 + self.deadline)
+                elapsed = time.monotonic() - t0
+                ld.health.ok(elapsed)
+                ld.release(c, gen)
+                self._latencies.append(elapsed)
+                if blob is not None:
+                    try:
+                        data = self._sealer.open(key, blob)
+                    except SealError:
+                        bad = 1
+            except Exception as e:  # invariant 2: a miss, never a failed read
+                if c is not None:
+                    c.close()
+                try:
+                    self._fault(ld, e, time.monotonic() - t0)
+                except Exception:
+                    errors = 1
+        hit = data is not None
+        with self._clock:
+            c = self.c
+            c["remote_hits" if hit else "remote_misses"] += 1
+            c["seal_failures"] += bad
+            c["remote_errors"] += errors
+            if hit:
+                ld.hits += 1
+            else:
+                ld.misses += 1
+            st = self._stats
+            if st is not None:
+                if hit:
+                    st.remote_hits += 1
+                else:
+                    st.remote_misses += 1
+        if self.mode == "exclusive":
+            if hit:
+                self._delete_later([key])
+        elif hit:
+            self.remember_fetched(key)
+        elif self._known:
+            with self._qlock:  # not there (any more): see _get_many
+                self._known.pop(key, None)
+        return data
+
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of the blocks found and verified; the rest are misses."""
         found: dict[bytes, bytes] = {}
