@@ -693,9 +693,11 @@ class ClientConnection(_Connection):
     def send_get(self, keys: Sequence[bytes], request_id: int = 0) -> bytes:
         if len(keys) == 1 and 1 <= len(keys[0]) <= MAX_KEY_LEN and 0 <= request_id <= 0xFFFFFFFF:
             k = keys[0]  # the remote tier's common request, packed directly
-            return HEADER.pack(MAGIC, VERSION, _T_GET, 0, request_id, 3 + len(k)) + _ONE_KEY[
-                len(k)
-            ] + bytes(k)
+            return (
+                HEADER.pack(MAGIC, VERSION, _T_GET, 0, request_id, 3 + len(k))
+                + _ONE_KEY[len(k)]
+                + bytes(k)
+            )
         return encode_frame(MsgType.GET, request_id, *_encode_keys(keys))
 
     def receive_value(self, data: bytes, request_id: int) -> memoryview | object | None:
