@@ -258,3 +258,47 @@ def test_fuzz_receive_gets_agrees_with_receive_data(keysets: list, edits: list, 
         return
     if fast is not None:
         assert [p.GetRequest(rid, keys) for rid, keys in fast] == events
+
+
+# ---- the client's one-value fast path ------------------------------------------------
+
+
+def test_one_key_get_is_the_same_frame_as_the_general_encoder() -> None:
+    c, _ = handshake()
+    for key in (b"k", b"x" * 64, bytes(range(32))):
+        assert c.send_get([key], 77) == p.encode_frame(p.MsgType.GET, 77, *p._encode_keys([key]))
+
+
+def test_receive_value_reads_one_value_and_leaves_the_rest_to_receive_data() -> None:
+    c, s = handshake()
+    found, missing = s.send_get_reply(5, [b"v" * 100]), s.send_get_reply(6, [None])
+    assert bytes(c.receive_value(found, 5)) == b"v" * 100
+    assert c.receive_value(missing, 6) is None
+    for data, rid in (
+        (found, 6),  # another request's reply
+        (found[:-1], 5),  # not all of it yet
+        (found + missing, 5),  # more than one frame
+        (s.send_get_reply(5, [b"a", b"b"]), 5),  # more than one value
+        (s.send_ack(5, 1), 5),  # another type
+    ):
+        assert c.receive_value(data, rid) is p.NOT_FAST
+    assert p.ClientConnection(KEY, b"a").receive_value(found, 5) is p.NOT_FAST  # no handshake
+
+
+@FUZZ
+@given(
+    st.one_of(st.none(), st.binary(max_size=300)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.integers(0, 5),
+)
+def test_fuzz_receive_value_agrees_with_receive_data(value, edits: list, cut: int) -> None:
+    _, s = handshake()
+    data = bytearray(s.send_get_reply(3, [value]))
+    for pos, val in edits:
+        data[pos % len(data)] = val
+    data = bytes(data[: len(data) - cut] if cut < len(data) else data)
+    fast = handshake()[0].receive_value(data, 3)
+    if fast is p.NOT_FAST:
+        return
+    [ev] = handshake()[0].receive_data(data)  # whatever the fast path took, this takes too
+    assert ev == p.GetReply(3, [None if fast is None else bytes(fast)])

@@ -77,15 +77,17 @@ class LenderHealth:
         many FUSE workers), which would suspend a healthy lender under load; the
         prober's pings are (`probed`). A single call above `suspend_single` still
         suspends (only possible with a deadline that long)."""
-        with self._lock:
-            self._timeouts_in_row = 0
-            if self.state != ACTIVE:
-                return
-            self.samples += 1
-            first = self.samples == 1
-            self.avg = latency if first else self.avg + self.alpha * (latency - self.avg)
-            if latency > self.suspend_single:
-                self._leave(SUSPENDED, f"one round trip took {latency * 1e3:.1f} ms")
+        # Every remote hit comes here: no lock unless the state changes. The counters
+        # it touches without one are for display, where a lost update does no harm.
+        self._timeouts_in_row = 0
+        if self.state != ACTIVE:
+            return
+        self.samples += 1
+        self.avg = latency if self.samples == 1 else self.avg + self.alpha * (latency - self.avg)
+        if latency > self.suspend_single:
+            with self._lock:
+                if self.state == ACTIVE:
+                    self._leave(SUSPENDED, f"one round trip took {latency * 1e3:.1f} ms")
 
     def probed(self, latencies: list[float]) -> None:
         """The prober's ping round trips to an active lender: the latency probe."""

@@ -96,7 +96,12 @@ class InvalidateMode(enum.IntEnum):
 
 
 _T_GET, _T_GET_REPLY, _T_ERROR = int(MsgType.GET), int(MsgType.GET_REPLY), int(MsgType.ERROR)
-_ONE_KEY = [b"\0\1" + bytes([n]) for n in range(256)]  # a one-key GET payload's head
+# The fixed head of a frame (magic, version, type, no flags), its id and length, and a
+# one-key GET: the remote tier's hot path packs and checks these in one step.
+_GET_HEAD = MAGIC + bytes((VERSION, _T_GET, 0, 0))
+_REPLY_HEAD = MAGIC + bytes((VERSION, _T_GET_REPLY, 0, 0))
+_RID_LEN = struct.Struct(">II")
+_GET1 = struct.Struct(">6sIIBBB")
 NOT_FAST = object()  # receive_value(): "not the common case, use receive_data"
 
 
@@ -692,12 +697,8 @@ class ClientConnection(_Connection):
 
     def send_get(self, keys: Sequence[bytes], request_id: int = 0) -> bytes:
         if len(keys) == 1 and 1 <= len(keys[0]) <= MAX_KEY_LEN and 0 <= request_id <= 0xFFFFFFFF:
-            k = keys[0]  # the remote tier's common request, packed directly
-            return (
-                HEADER.pack(MAGIC, VERSION, _T_GET, 0, request_id, 3 + len(k))
-                + _ONE_KEY[len(k)]
-                + bytes(k)
-            )
+            k = keys[0]  # the remote tier's common request, packed in one go
+            return _GET1.pack(_GET_HEAD, request_id, 3 + len(k), 0, 1, len(k)) + bytes(k)
         return encode_frame(MsgType.GET, request_id, *_encode_keys(keys))
 
     def receive_value(self, data: bytes, request_id: int) -> memoryview | object | None:
@@ -705,30 +706,23 @@ class ClientConnection(_Connection):
         exactly one whole GET_REPLY to `request_id` carrying one value, on a ready
         connection with nothing buffered. Returns the value (None: not found), or
         NOT_FAST for anything else; then feed the same bytes to receive_data."""
-        n = len(data)
         if (
-            n < HEADER_SIZE + 3
+            len(data) < HEADER_SIZE + 3
+            or data[:6] != _REPLY_HEAD
+            or self._frames.buffered
             or not self.authenticated
             or self._dead is not None
-            or self._frames.buffered
         ):
             return NOT_FAST
-        magic, version, mtype, flags, rid, length = HEADER.unpack_from(data)
-        if (
-            mtype != _T_GET_REPLY
-            or rid != request_id
-            or magic != MAGIC
-            or version != VERSION
-            or flags
-            or length != n - HEADER_SIZE
-            or data[HEADER_SIZE : HEADER_SIZE + 2] != b"\0\1"
-        ):
+        rid, length = _RID_LEN.unpack_from(data, 6)
+        if rid != request_id or length != len(data) - HEADER_SIZE:
             return NOT_FAST
-        found = data[HEADER_SIZE + 2]
-        if found == 0 and length == 3:
+        head = data[HEADER_SIZE : HEADER_SIZE + 3]
+        if head == b"\0\1\1":
+            if length >= 7 and _U32.unpack_from(data, HEADER_SIZE + 3)[0] == length - 7:
+                return memoryview(data)[HEADER_SIZE + 7 :]  # the sealed blob, uncopied
+        elif head == b"\0\1\0" and length == 3:
             return None
-        if found == 1 and length >= 7 and _U32.unpack_from(data, HEADER_SIZE + 3)[0] == length - 7:
-            return memoryview(data)[HEADER_SIZE + 7 :]  # the sealed blob, uncopied
         return NOT_FAST
 
     def send_put(

@@ -132,7 +132,6 @@ class _Lender:
         self.tier = tier
         self.health = LenderHealth(suspend_avg=tier.suspend_avg, suspend_single=tier.suspend_single)
         self._pool: list[tuple[Client, int, float]] = []  # client, generation, last use
-        self._lock = threading.Lock()
         # The put thread's and the prober's own connections, with the health
         # generation they were opened in (a stale one is replaced, not used).
         self._own: dict[str, tuple[Client, int]] = {}
@@ -154,38 +153,40 @@ class _Lender:
             self.address, t.auth_key, t.client_id, timeout=timeout, busy_poll_us=t.busy_poll_us
         )
 
+    # The pool is a plain list: pop() and append() are atomic, so the hot path takes no
+    # lock; a connection of an older health generation is closed instead of used.
+
     def acquire(self, timeout: float) -> tuple[Client, int]:
         """An idle connection of the current health generation, or a new one."""
         gen = self.health.generation
-        stale = []
-        try:
-            with self._lock:
-                old = time.monotonic() - POOL_IDLE
-                while self._pool:
-                    c, g, used = self._pool.pop()
-                    if g == gen and used > old and not c.closed:
-                        return c, gen
-                    stale.append(c)
-        finally:
-            for c in stale:
-                c.close()
+        pool = self._pool
+        while pool:
+            try:
+                c, g, used = pool.pop()
+            except IndexError:  # another worker took the last one
+                break
+            if g == gen and not c.closed and used > time.monotonic() - POOL_IDLE:
+                return c, gen
+            c.close()
         return self.connect(timeout), gen
 
     def release(self, c: Client, gen: int) -> None:
-        if not c.closed and gen == self.health.generation:
-            with self._lock:
-                if len(self._pool) < self.tier.pool_size:
-                    self._pool.append((c, gen, time.monotonic()))
-                    return
-        c.close()
+        pool = self._pool
+        if gen == self.health.generation and not c.closed and len(pool) < self.tier.pool_size:
+            pool.append((c, gen, time.monotonic()))
+        else:
+            c.close()
 
     def idle(self) -> int:
         return len(self._pool)
 
     def close_pool(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for c, _, _ in pool:
+        pool, self._pool = self._pool, []
+        while pool:
+            try:
+                c = pool.pop()[0]
+            except IndexError:
+                break
             c.close()
 
     def own(self, role: str, timeout: float) -> Client:
@@ -372,7 +373,13 @@ class RemoteTier:
             if hit:
                 self._delete_later([key])
         elif hit:
-            self.remember_fetched(key)
+            if self.remember_blocks:  # remember_fetched(key), inline
+                with self._qlock:
+                    known = self._known
+                    known[key] = None
+                    known.move_to_end(key)
+                    if len(known) > self.remember_blocks:
+                        known.popitem(last=False)
         elif self._known:
             with self._qlock:  # not there (any more): see _get_many
                 self._known.pop(key, None)
