@@ -360,12 +360,16 @@ class LenderServer:
             self._send(c, conn.send_auth_ok(st.max_value))
 
     def _reply_get(self, c: _Client, request_id: int, keys: list[bytes]) -> None:
-        get, ns = self.store.get_parts, c.ns
+        store, ns = self.store, c.ns
+        assert ns is not None  # set when the handshake ended; GETs come only after it
+        get = store.get_parts
         values: list[tuple[memoryview, bytes] | None] = []
         room = p.MAX_PAYLOAD - 2
+        found = False
         for k in keys:
-            v = get(ns, k)  # type: ignore[arg-type]
+            v = get(ns, k, False)
             if v is not None:
+                found = True
                 # A reply never exceeds a frame: what does not fit is reported missing.
                 size = len(v[0]) + len(v[1]) + 5
                 if size > room:
@@ -376,6 +380,8 @@ class LenderServer:
                 room -= 1
             values.append(v)
         self._send_parts(c, p.get_reply_parts(request_id, values))
+        if found:  # the policy learns of the hits once the client has its answer
+            store.touched(ns, [k for k, v in zip(keys, values, strict=True) if v is not None])
 
     def stats(self) -> dict:
         s = self.store.stats()

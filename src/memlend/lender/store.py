@@ -110,18 +110,29 @@ class Store:
         body, tail = parts
         return bytes(body) + tail if tail else body
 
-    def get_parts(self, ns: Namespace, key: bytes) -> tuple[memoryview, bytes] | None:
+    def get_parts(
+        self, ns: Namespace, key: bytes, touch: bool = True
+    ) -> tuple[memoryview, bytes] | None:
         """The stored value as (slot bytes, tail), uncopied: the server sends both with
-        one sendmsg. The view is only valid until the next put or drop."""
+        one sendmsg. The view is only valid until the next put or drop. touch=False
+        leaves the policy update to a later touched() (after the reply is sent)."""
         e = ns.entries.get(key)
         if e is None:
             self.misses += 1
             return None
         self.hits += 1
-        self.policy.touch((ns.index, key))
+        if touch:
+            self.policy.touch((ns.index, key))
         slot, length, tail = e
         start = slot * self.slot_size
         return self.arena.view[start : start + min(length, self.slot_size)], tail
+
+    def touched(self, ns: Namespace, keys: Iterable[bytes]) -> None:
+        """The policy update of get_parts(touch=False) for these (found) keys."""
+        touch, idx, entries = self.policy.touch, ns.index, ns.entries
+        for k in keys:
+            if k in entries:
+                touch((idx, k))
 
     def put(self, ns: Namespace, key: bytes, value: bytes | memoryview) -> bool:
         """Store `value` under `key`; False if it was not stored (too big, no memory)."""
