@@ -12,6 +12,7 @@ torn down after each config and, whatever happens, at the end (Ctrl-C included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -79,7 +80,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-netns",
         action="store_true",
-        help="lenders on loopback instead of their own network namespaces",
+        help="client and lenders on loopback instead of network namespaces linked by veth",
     )
 
 
@@ -163,8 +164,8 @@ class ConfigRun:
             self.lender_groups.append(g)
             ns, host = None, "127.0.0.1"
             if plan.netns and bed.netns:
-                ns, host = bed.add_netns(len(bed.namespaces))
-                self.where = "veth (network namespaces)"
+                ns, host = bed.add_netns(i)
+                self.where = "veth between network namespaces (client's and lender's)"
             port = tb._free_port() if ns is None else 7070
             log = bed.work / f"{c}-lender{i}.log"
             if c == "memcached":
@@ -185,15 +186,9 @@ class ConfigRun:
                 url = f"memlend://{host}:{port}"
             p = bed.spawn(cmd, g, log=log, netns=ns)
             self.procs.append(p)
-            if ns is None:
-                bed.wait_port(host, port, p, c)
-            else:
-                self._wait_ns_port(host, port, p)
+            bed.wait_port(host, port, p, c)
             extra += ["--lender", url]
         return extra
-
-    def _wait_ns_port(self, host: str, port: int, p: subprocess.Popen) -> None:
-        self.bed.wait_port(host, port, p, self.config)
 
     def path(self) -> str:
         return os.path.join(self.mnt or str(self.bed.work / "backing"), wl.DATA)
@@ -230,7 +225,7 @@ class ConfigRun:
         while True:
             before = self.stats()
             for cmd in cmds:
-                r = self.bed.run(cmd, self.client, timeout=1800)
+                r = self.bed.run(cmd, self.client, timeout=1800, netns=self.bed.client_ns)
                 res = wl.parse_fio(r.stdout)
                 if r.returncode or res["fio_error"]:
                     raise RuntimeError(f"warm-up failed: {r.stderr.strip()[-300:]}")
@@ -285,8 +280,14 @@ class ConfigRun:
             timer.start()
         s0, b0 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
         oom0 = _oom_kills(self.client)
+        with contextlib.suppress(OSError):  # the peak below is this cell's
+            self.client.write("memory", "memory.max_usage_in_bytes", "0")
+        lcpu0 = [tb.proc_cpu_seconds(p.pid) for p in self.procs]
+        cpu0 = tb.cpu_times()
         try:
-            r = self.bed.run(cmd, self.client, timeout=self.plan.seconds * 5 + 120)
+            r = self.bed.run(
+                cmd, self.client, timeout=self.plan.seconds * 5 + 120, netns=self.bed.client_ns
+            )
         finally:
             if timer is not None:
                 timer.cancel()
@@ -297,6 +298,8 @@ class ConfigRun:
                 f"the client cgroup's OOM killer killed {oom} process(es) (see dmesg): "
                 "the mount daemon or the workload outgrew --client-memory"
             )
+        cpu1 = tb.cpu_times()
+        lcpu1 = [tb.proc_cpu_seconds(p.pid) for p in self.procs]
         s1, b1 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
         if spike:
             spike.update(self._spike_end(spike))
@@ -342,8 +345,15 @@ class ConfigRun:
         row["client_cgroup"] = {
             "cache_bytes": mstat.get("total_cache", mstat.get("cache", 0)),
             "rss_bytes": mstat.get("total_rss", mstat.get("rss", 0)),
+            "peak_bytes": int(self.client.read("memory", "memory.max_usage_in_bytes")),
             "limit": None if self.config == "ideal" else self.plan.client_memory,
         }
+        row["cpu"] = tb.cpu_usage(cpu0, cpu1)
+        if self.procs:
+            # CPUs' worth of time each lender (or memcached) used during the cell
+            secs = max(1e-9, self.plan.seconds)
+            used = zip(lcpu0, lcpu1, strict=True)
+            row["lender_cpu"] = [round((b - a) / secs, 3) for a, b in used]
         if spike:
             row["spike"] = {k: v for k, v in spike.items() if k != "proc"}
         row["verified"] = r.returncode == 0 and res["fio_error"] == 0
@@ -387,6 +397,7 @@ class ConfigRun:
         for ns in list(self.bed.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             self.bed.namespaces.remove(ns)
+        self.bed.client_ns = None
 
 
 # ---- the matrix -------------------------------------------------------------------
@@ -425,7 +436,9 @@ def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") ->
     try:
         bed.open()
         meta["backing_disk"] = bed.disk
-        meta["network"] = "veth (network namespaces)" if (plan.netns and bed.netns) else "loopback"
+        meta["network"] = (
+            "veth between network namespaces" if (plan.netns and bed.netns) else "loopback"
+        )
         data = bed.work / "backing" / wl.DATA
         fill = subprocess.run(
             wl.fill_cmd(str(data), plan.dataset), capture_output=True, text=True, cwd=bed.work

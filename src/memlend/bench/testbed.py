@@ -8,13 +8,17 @@ has "memlend-bench" in its command line. `Testbed.close()` (called from a finall
 kills whatever is left in the groups, unmounts, removes the groups and the network
 namespaces, and the work directory.
 
-Network namespaces: a lender may run in its own namespace (memlend-bench-<pid>-l<i>)
-reached over a veth pair; `Testbed.netns` is False when `ip netns` is not usable.
+Network namespaces: with lenders, the client VM gets a namespace of its own
+(memlend-bench-<pid>-c<n>: the mount daemon and the workload run in it, entered with
+nsenter, which leaves the mount namespace alone so the FUSE mount stays visible), and
+each lender one more (memlend-bench-<pid>-l<i>), reached from the client's over a veth
+pair: separate hosts on a link. `Testbed.netns` is False when `ip netns` is not usable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import json
 import os
@@ -24,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +165,40 @@ def blkio_serviced(group: Group, dev: str) -> tuple[int, int]:
     return res[0], res[1]
 
 
+def cpu_times() -> dict[str, list[int]]:
+    """/proc/stat's per-CPU jiffies: user nice system idle iowait irq softirq steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                out[name] = [int(v) for v in vals[:8]]
+    return out
+
+
+def cpu_usage(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, dict]:
+    """Per CPU between two cpu_times(): busy and steal as shares of the interval. Steal
+    is time the hypervisor gave this VM's CPU to someone else: a benchmark number taken
+    while it is high measured the host's neighbours too."""
+    out = {}
+    for cpu, b in before.items():
+        d = [y - x for x, y in zip(b, after.get(cpu, b), strict=True)]
+        total = sum(d) or 1
+        busy = total - d[3] - d[4] - d[7]  # not idle, not waiting for I/O, not stolen
+        out[cpu] = {"busy": round(busy / total, 3), "steal": round(d[7] / total, 3)}
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +218,7 @@ class Testbed:
     daemons: list[int] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
     netns: bool = False
+    client_ns: str | None = None
     _n: int = 0
 
     # ---- set-up ---------------------------------------------------------------
@@ -223,34 +263,42 @@ class Testbed:
         with contextlib.suppress(ValueError):
             self.groups.remove(g)
 
+    def client_netns(self) -> str:
+        """The client VM's network namespace, created on first use (loopback only)."""
+        if self.client_ns is None:
+            ns = f"{self.tag}-c{self._n}"
+            self.namespaces.append(ns)
+            for c in (["ip", "netns", "add", ns], ["ip", "-n", ns, "link", "set", "lo", "up"]):
+                _ip(c)
+            self.client_ns = ns
+        return self.client_ns
+
     def add_netns(self, i: int) -> tuple[str, str]:
-        """A namespace with a veth pair: returns (namespace, lender address)."""
+        """A lender's namespace, linked to the client's by a veth pair: returns
+        (namespace, lender address)."""
+        client = self.client_netns()
         ns = f"{self.tag}-l{i}"
         host_if, ns_if = f"mlb{os.getpid() % 10000}h{i}", f"mlb{os.getpid() % 10000}n{i}"
         sub = f"10.{200 + i}.{os.getpid() % 250}"
-        cmds = [
+        self.namespaces.append(ns)
+        for c in (
             ["ip", "netns", "add", ns],
-            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-            ["ip", "link", "set", ns_if, "netns", ns],
-            ["ip", "addr", "add", f"{sub}.1/24", "dev", host_if],
-            ["ip", "link", "set", host_if, "up"],
+            ["ip", "-n", client, "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["ip", "-n", client, "link", "set", ns_if, "netns", ns],
+            ["ip", "-n", client, "addr", "add", f"{sub}.1/24", "dev", host_if],
+            ["ip", "-n", client, "link", "set", host_if, "up"],
             ["ip", "-n", ns, "addr", "add", f"{sub}.2/24", "dev", ns_if],
             ["ip", "-n", ns, "link", "set", ns_if, "up"],
             ["ip", "-n", ns, "link", "set", "lo", "up"],
-        ]
-        self.namespaces.append(ns)
-        for c in cmds:
-            r = subprocess.run(c, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{' '.join(c)}: {r.stderr.strip()}")
+        ):
+            _ip(c)
         return ns, f"{sub}.2"
 
     def spawn(
         self, cmd: list[str], g: Group, *, log: Path, netns: str | None = None
     ) -> subprocess.Popen:
         """Start `cmd` inside group `g` (and namespace `netns`), own session (no ^C)."""
-        if netns:
-            cmd = ["ip", "netns", "exec", netns, *cmd]
+        cmd = self._in_netns(cmd, netns)
         with open(log, "ab") as f:
             p = subprocess.Popen(
                 cmd,
@@ -263,9 +311,16 @@ class Testbed:
         self.procs.append(p)
         return p
 
-    def run(self, cmd: list[str], g: Group, *, timeout: float) -> subprocess.CompletedProcess:
+    def _in_netns(self, cmd: list[str], netns: str | None) -> list[str]:
+        # nsenter --net switches the network namespace only (`ip netns exec` would also
+        # give the process a mount namespace of its own, hiding a FUSE mount it makes).
+        return ["nsenter", f"--net=/run/netns/{netns}", *cmd] if netns else cmd
+
+    def run(
+        self, cmd: list[str], g: Group, *, timeout: float, netns: str | None = None
+    ) -> subprocess.CompletedProcess:
         p = subprocess.Popen(
-            cmd,
+            self._in_netns(cmd, netns),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -285,21 +340,25 @@ class Testbed:
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
     def wait_port(self, host: str, port: int, proc: subprocess.Popen, what: str) -> None:
+        """Wait until `proc` accepts connections at host:port, as seen from the client VM
+        (its namespace when it has one)."""
         end = time.monotonic() + 20
         while time.monotonic() < end and proc.poll() is None:
             try:
-                socket.create_connection((host, port), timeout=1).close()
+                connect_in(self.client_ns, host, port).close()
                 return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{what} at {host}:{port} did not start (status {proc.poll()})")
 
-    def memlend_cli(self, *args: str, g: Group | None = None, timeout: float = 60) -> str:
+    def memlend_cli(
+        self, *args: str, g: Group | None = None, timeout: float = 60, netns: str | None = None
+    ) -> str:
         cmd = [sys.executable, "-m", "memlend", *args]
         if g is None:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         else:
-            r = self.run(cmd, g, timeout=timeout)
+            r = self.run(cmd, g, timeout=timeout, netns=netns)
         if r.returncode:
             raise RuntimeError(f"memlend {' '.join(args[:2])} failed: {r.stderr.strip()[-300:]}")
         return r.stdout
@@ -310,7 +369,7 @@ class Testbed:
         self.mounts.append(mnt)
         args = ["mount", str(self.work / "backing"), mnt, "--cache-size", str(cache)]
         args += ["--log-file", str(self.work / "mount.log"), *extra]
-        self.memlend_cli(*args, g=g)
+        self.memlend_cli(*args, g=g, netns=self.client_ns)  # the daemon stays in both
         pid = int(self.stats(mnt)["pid"])
         self.daemons.append(pid)
         return mnt, pid
@@ -356,11 +415,48 @@ class Testbed:
                 g.remove()
             self.groups.clear()
             self.namespaces.clear()
+            self.client_ns = None
             self.daemons.clear()
             shutil.rmtree(self.work, ignore_errors=True)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def _ip(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def connect_in(netns: str | None, host: str, port: int, timeout: float = 1.0) -> socket.socket:
+    """A TCP connection made from inside network namespace `netns` (None: ours). A
+    socket belongs to the namespace it was created in, so a short-lived thread enters
+    the namespace (setns applies to the calling thread), creates it, and hands it over."""
+    if netns is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    out: list[socket.socket | BaseException] = []
+
+    def inside() -> None:
+        try:
+            with open(f"/run/netns/{netns}") as f:
+                if _libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            out.append(socket.create_connection((host, port), timeout=timeout))
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=inside, daemon=True)
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 def _netns_pids(ns: str) -> list[int]:

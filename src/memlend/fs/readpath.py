@@ -19,6 +19,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
@@ -177,7 +178,10 @@ class ReadPath:
                 n = len(data)
                 out[:n] = data
         if n < 0:
+            t0 = time.monotonic()
             n = self._read_disk(fd, out[:bs], block * bs, buffered)
+            if self.remote is not None:
+                self.remote.disk_read_took(time.monotonic() - t0)
         if n:
             with self.cache.lock:
                 if state.version == version:  # else a write raced with us: cache nothing

@@ -1,11 +1,12 @@
 """The socket plumbing both remote clients share (memlend lenders, memcached).
 
 A non-blocking TCP connection with deadlines on every wait, and adaptive
-busy-polling: after sending a request the client spins on recv() for up to
+busy-polling: after sending a request the client spins on poll(0) for up to
 `busy_poll_us` before sleeping in poll(), which removes the cross-CPU wake-up
 that dominates a round trip here (DESIGN.md: 134 µs blocking against 16 µs
 spinning). Spins that rarely catch a reply are paused for 256 calls: they only
-burn CPU, or delay a peer on the same CPU.
+burn CPU, or delay a peer on the same CPU. Only a thread that waits alone spins
+(see _waiting).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import threading
 import time
 from typing import Self
 
@@ -33,6 +35,14 @@ class RemoteTimeout(RemoteError):
 # maps and unmaps a fresh buffer. Measured on loopback TCP, a 48-byte recv cost 24 µs
 # with n = 1 MiB and 4 µs with n = 64 KiB (docs/benchmarks.md).
 RECV_SIZE = 64 << 10
+
+# Threads of this process waiting for a reply right now. Only a lone waiter spins: a
+# spinning thread takes the GIL back after every poll(0), and a second thread whose
+# reply has come can then wait up to the interpreter's switch interval (5 ms) for it,
+# past the remote deadline. Measured: 16 readers with every waiter spinning timed out
+# 228 times in 8 s and sent half their reads to the disk (docs/benchmarks.md).
+_waiting = [0]
+_waiting_lock = threading.Lock()
 
 
 class SpinSocket:
@@ -117,7 +127,13 @@ class SpinSocket:
         """Whatever arrives next (spinning first if asked); RemoteError at EOF."""
         sock = self._require()
         if spin:  # a reply cannot be there yet: a failed recv() would cost 1.2 µs
-            data = self._recv_wait(sock, deadline, spin)
+            with _waiting_lock:
+                _waiting[0] += 1
+            try:
+                data = self._recv_wait(sock, deadline, spin)
+            finally:
+                with _waiting_lock:
+                    _waiting[0] -= 1
         else:
             try:
                 data = sock.recv(RECV_SIZE)
@@ -130,18 +146,23 @@ class SpinSocket:
     def _recv_wait(self, sock: socket.socket, deadline: float, spin: bool) -> bytes:
         poll = self._poll_in.poll
         caught = False
-        if spin:
+        if spin and _waiting[0] == 1:
             until = time.perf_counter_ns() + self.busy_poll_ns
             clock = time.perf_counter_ns
+            crowd = False
             while not poll(0):
                 if clock() >= until:
                     break
+                if _waiting[0] > 1:  # see _waiting: sleep, leave the GIL to the others
+                    crowd = True
+                    break
             else:
                 caught = True
-            self._spin_score = 0.9 * self._spin_score + (0.1 if caught else 0.0)
-            if self._spin_score < 0.3:
-                # Spins that rarely catch a reply only burn CPU: pause them.
-                self._spin_pause, self._spin_score = 256, 0.6
+            if not crowd:
+                self._spin_score = 0.9 * self._spin_score + (0.1 if caught else 0.0)
+                if self._spin_score < 0.3:
+                    # Spins that rarely catch a reply only burn CPU: pause them.
+                    self._spin_pause, self._spin_score = 256, 0.6
         while True:
             try:
                 return sock.recv(RECV_SIZE)

@@ -13,9 +13,10 @@ are answered from it. The rest are grouped by lender (rendezvous hashing,
 memlend.remote.placement); every active lender gets one multi-get, all sent before
 any reply is awaited, so lenders answer in parallel without helper threads (a
 cross-thread wake-up costs 80-110 µs here, more than a round trip). Replies are
-awaited with busy-polling up to the deadline (2 ms); whatever has not arrived by
-then is a miss, and that connection is closed (a late reply must not be read as
-the answer to a later request). A key whose lender is not active is a miss: the
+awaited with busy-polling up to the deadline (2 ms, or the disk's recent read time
+when that is longer: disk_read_took); whatever has not arrived by then is a miss,
+and that connection is closed (a late reply must not be read as the answer to a
+later request). A key whose lender is not active is a miss: the
 block is not anywhere else. Each blob is opened (AES-256-GCM, the key as
 associated data); one that fails is counted (`seal_failures`) and is a miss.
 `get_many` never raises.
@@ -77,6 +78,7 @@ POOL_IDLE = 60.0
 # doubling intervals up to probe_interval: a passing stall (a scheduling hiccup on
 # either host) must not send every read to the disk for half a second.
 REPROBE_FIRST = 0.02
+MAX_DEADLINE = 0.05  # disk_read_took(): never wait longer than this for a lender
 
 
 class _MemlendClient(LenderClient):
@@ -246,7 +248,8 @@ class RemoteTier:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if deadline <= 0 or queue_blocks < 1 or batch < 1:
             raise ValueError("deadline, queue_blocks and batch must be positive")
-        self.deadline = deadline
+        self.min_deadline = self.deadline = deadline
+        self._disk_ema = 0.0  # seconds: the backing store's recent one-block read time
         self.queue_blocks = queue_blocks
         self.queue_bytes = queue_bytes if queue_bytes is not None else 1 << 62
         self.batch = batch
@@ -318,6 +321,20 @@ class RemoteTier:
                 self.c[k] += v
 
     # ---- reads ------------------------------------------------------------------------
+
+    def disk_read_took(self, seconds: float) -> None:
+        """The backing store took this long for a read the lenders could have served.
+
+        A lender is worth waiting for as long as the disk would take: the deadline is
+        the larger of the configured one and the disk's recent (moving average) read
+        time, up to MAX_DEADLINE. Under load a throttled disk takes milliseconds (16
+        readers on a 1000-IOPS disk: 16 ms) and the client's own CPU queue delays
+        replies past a fixed 2 ms: the lender was suspended and every read went to
+        that disk (docs/benchmarks.md, randread-uniform-qd16)."""
+        ema = self._disk_ema
+        ema = seconds if not ema else ema + 0.1 * (seconds - ema)
+        self._disk_ema = ema
+        self.deadline = min(MAX_DEADLINE, max(self.min_deadline, ema))
 
     def get_one(self, key: bytes) -> bytes | None:
         """Plaintext of one block, or None: get_many for the commonest call (a small
@@ -801,6 +818,7 @@ class RemoteTier:
         out["remote_latency_us"] = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
         out["remote_mode"] = self.mode
         out["remote_deadline_us"] = int(self.deadline * 1e6)
+        out["remote_min_deadline_us"] = int(self.min_deadline * 1e6)
         out["lenders"] = [
             {
                 "url": ld.url,
