@@ -99,6 +99,7 @@ class LenderServer:
         self.ep.register(self._wake_r, select.EPOLLIN)
         self._pressure_fd = None
         self._urgent_until = 0.0
+        self._next_tick = 0.0
         if watcher is not None and watcher_events:
             self._pressure_fd = cgroup_pressure_fd(watcher.reserve)
             if self._pressure_fd is not None:
@@ -117,18 +118,19 @@ class LenderServer:
 
     def serve_forever(self) -> None:
         self._running = True
-        next_tick = time.monotonic()
+        self._next_tick = time.monotonic()
         spin_ns = self.cfg.busy_poll_us * 1000
         score, pause = 1.0, 0
         poll, clock = self.ep.poll, time.perf_counter_ns
         try:
             while self._running:
                 now = time.monotonic()
-                if now >= next_tick:
+                if now >= self._next_tick:
                     self._tick(now)
                     urgent = now < self._urgent_until
-                    next_tick = now + (URGENT_INTERVAL if urgent else self.cfg.watch_interval)
-                events = poll(max(0.0, next_tick - now))
+                    interval = URGENT_INTERVAL if urgent else self.cfg.watch_interval
+                    self._next_tick = now + interval
+                events = poll(max(0.0, self._next_tick - now))
                 while events:
                     self._dispatch(events)
                     if not spin_ns or not self._running:
@@ -168,9 +170,11 @@ class LenderServer:
                     os.eventfd_read(self._pressure_fd)
                 now = time.monotonic()
                 # The event fires once per crossing; while the neighbour keeps growing
-                # above the line, look again every 10 ms for a while.
+                # above the line, look again every 10 ms for a while (from now on: the
+                # next regular look may be seconds away).
                 self._urgent_until = now + URGENT_SECONDS
                 self._tick(now)
+                self._next_tick = now + URGENT_INTERVAL
 
     def _tick(self, now: float) -> None:
         if self.watcher is not None:
