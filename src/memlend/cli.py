@@ -126,7 +126,9 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=2.0,
         metavar="MS",
-        help="give up on lenders after this many milliseconds and read the disk (default 2)",
+        help="give up on lenders after this many milliseconds and read the disk (default 2); "
+        "while the disk itself has been slower than that, a read waits for the lenders as long "
+        "as a disk read has been taking (up to 50 ms)",
     )
     remote.add_argument(
         "--remote-mode",
