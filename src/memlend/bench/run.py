@@ -340,12 +340,15 @@ class ConfigRun:
                     *PUT_COUNTERS,
                 )
             }
-        else:
+        elif work is not wl.SQLITE and work is not wl.POSTMARK:
             # kernel page cache: 4 KiB reads with fadvise RANDOM: one disk I/O per miss
             per_io = 256 if work.name == "seqread" else 1
             pages = res["ios"] * per_io
             pc = max(0.0, 1 - row["disk_ios"] / max(1, pages))
             row["hit_ratio"] = {"pagecache": round(pc, 4), "disk": round(1 - pc, 4)}
+        else:  # a query or transaction reads an unknown number of pages
+            row["hit_ratio"] = {}
+            row["hit_ratio_note"] = "not measured: pages read per query are not known"
         if work.main_job:  # a background job's reads share every counter above
             row["hit_ratio"] = {}
             row["hit_ratio_note"] = "not measured: the background job's reads share the counters"
