@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from memlend.bench import fuse_tools as ft
 from memlend.bench import postmark
 from memlend.bench import testbed as tb
 from memlend.bench import workloads as wl
@@ -115,11 +116,13 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 
 def cache_size(client_memory: int) -> int:
-    """memlend's --cache-size inside a client of `client_memory`: the daemon needs about
-    30 MiB of interpreter and up to 64 MiB of buffers above its cache (README). With
-    only 80 MiB left over, a 512 MiB client's daemon was OOM-killed under 16 readers
-    (anon RSS 505 MiB for a 432 MiB cache), so leave 112 MiB."""
-    return max(client_memory // 4, client_memory - 112 * MiB)
+    """memlend's --cache-size inside a client of `client_memory`: what is left once the
+    daemon's own memory and the workload's processes have room. Measured (the rows'
+    `daemon_memory`): beyond its --cache-size the daemon held up to 96 MiB (1 MiB reads,
+    16 workers, lenders' put queue), and 16 fio jobs or SQLite take 10-30 MiB more; with
+    client - 112 MiB a 512 MiB client's daemon was OOM-killed in four cells of a run. So
+    64 MiB plus 15% of the client memory (at least a quarter of it stays the cache)."""
+    return max(client_memory // 4, client_memory - 64 * MiB - client_memory * 15 // 100)
 
 
 # ---- one configuration ----------------------------------------------------------
@@ -213,11 +216,11 @@ class ConfigRun:
         # the measured order would favour caches that keep the first blocks read (LIRS)
         cmd += ["--randrepeat=0", *wl.KEEP, *wl.VERIFY]
         cmds = [cmd]
-        db = os.path.join(os.path.dirname(self.path()), wl.DB)
         if self.plan.sqlite_rows:
-            warmdb = ["fio", "--name=warmdb", f"--filename={db}", "--rw=randread", "--bs=16k"]
-            warmdb += ["--ioengine=psync", "--output-format=json", "--randrepeat=0", *wl.KEEP]
-            cmds.append(warmdb)
+            # the database first: the data set, which most workloads read, is read last
+            # (a page cache holds what came last; it held the database and answered no
+            # uniform read of the data set from memory)
+            cmds.insert(0, self._warm_db_cmd())
         remote = bool(self.mnt) and self.config != "local"
         t0 = time.monotonic()
         s0 = self.stats()
@@ -254,14 +257,23 @@ class ConfigRun:
             "lender_blocks_after_warm": [ld.get("blocks_held") for ld in s1.get("lenders", [])],
         }
 
+    def _warm_db_cmd(self) -> list[str]:
+        db = os.path.join(os.path.dirname(self.path()), wl.DB)
+        cmd = ["fio", "--name=warmdb", f"--filename={db}", "--rw=randread", "--bs=16k"]
+        return [*cmd, "--ioengine=psync", "--output-format=json", "--randrepeat=0", *wl.KEEP]
+
     def measure(self, work: wl.Workload, disk: str) -> dict:
         assert self.client is not None
         iops, bps = DISKS[disk]
+        warm = None
         if work.hot_warm:  # both caches start the run holding the hot set (if they can)
             warm = work.warm_cmd(self.path(), self.plan.client_memory)
+        elif work is wl.SQLITE:  # the workloads before it read only the data set
+            warm = self._warm_db_cmd()
+        if warm:
             r = self.bed.run(warm, self.client, timeout=1800, netns=self.bed.client_ns)
             if r.returncode or wl.parse_fio(r.stdout)["fio_error"]:
-                raise RuntimeError(f"hot-set warm-up failed: {r.stderr.strip()[-300:]}")
+                raise RuntimeError(f"warm-up before {work.name} failed: {r.stderr.strip()[-300:]}")
         self.bed.throttle(self.client, iops, bps)
         cmd = work.cmd(self.path(), self.plan.dataset, self.plan.client_memory, self.plan.seconds)
         if work is wl.SQLITE:
@@ -360,6 +372,15 @@ class ConfigRun:
             "limit": None if self.config == "ideal" else self.plan.client_memory,
         }
         row["cpu"] = tb.cpu_usage(cpu0, cpu1)
+        if self.daemon:  # the daemon's memory against its --cache-size (README: + 64 MiB)
+            with contextlib.suppress(OSError):
+                st = ft.proc_status(self.daemon)
+                row["daemon_memory"] = {
+                    "rss": st.get("VmRSS", 0),
+                    "hwm": st.get("VmHWM", 0),
+                    "rss_anon": st.get("RssAnon", 0),
+                    "cache_size": cache_size(self.plan.client_memory),
+                }
         if self.procs:
             # CPUs' worth of time each lender (or memcached) used during the cell
             secs = max(1e-9, self.plan.seconds)
@@ -376,10 +397,16 @@ class ConfigRun:
         g = self.lender_groups[0]
         n = self.lend_mem * 4 // 5
         out["lender_usage_before"] = int(g.read("memory", "memory.usage_in_bytes"))
+        out["lender_blocks_before"] = self._lender_blocks()
         out["spike_bytes"] = n
         out["at_seconds"] = round(self.plan.seconds / 3, 1)
         cmd = [sys.executable, "-c", wl.SPIKE_CODE, str(n), f"{tb.PREFIX}-spike"]
         out["proc"] = self.bed.spawn(cmd, g, log=self.bed.work / "spike.log")
+
+    def _lender_blocks(self) -> int | None:
+        """Blocks the first lender holds, as its STATS said at the mount's last probe."""
+        lenders = self.stats().get("lenders") or [{}]
+        return lenders[0].get("blocks_held")
 
     def _spike_end(self, out: dict) -> dict:
         g = self.lender_groups[0]
@@ -388,6 +415,7 @@ class ConfigRun:
             "spike_alive_at_end": p.poll() is None,
             "lender_alive_at_end": self.procs[0].poll() is None,
             "lender_group_usage_at_end": int(g.read("memory", "memory.usage_in_bytes")),
+            "lender_blocks_at_end": self._lender_blocks(),
             "lender_group_limit": int(g.read("memory", "memory.limit_in_bytes")),
         }
         for line in g.read("memory", "memory.oom_control").splitlines():

@@ -232,7 +232,7 @@ class Testbed:
         return self
 
     def _netns_usable(self) -> bool:
-        if shutil.which("ip") is None:
+        if shutil.which("ip") is None or shutil.which("nsenter") is None:
             return False
         probe = f"{self.tag}-probe"
         ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0

@@ -453,6 +453,9 @@ class Passthrough(Operations):
             h.direct_fd = self.reader.open_for_reading(h.inode.fd, h.fd)
         return self.reader.read(h.direct_fd, h.state, offset, size, h.direct_fd == h.fd, h.stream)
 
+    def read_done(self) -> None:
+        self.reader.read_done()
+
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         h = self._handle(fh)
         n = os.pwrite(h.fd, data, offset)

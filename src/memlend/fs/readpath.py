@@ -43,6 +43,7 @@ def remote_key(epoch: bytes, file_id: int, version: int, block: int) -> bytes:
 
 
 _BIG_READ = 256 * 1024
+_BIG_POOL = 4  # idle big reply buffers kept (resident) for the next big reads
 
 
 class ReadPath:
@@ -57,6 +58,7 @@ class ReadPath:
         self.remote: RemoteTier | None = None  # set by the daemon when lenders are given
         self.epoch = os.urandom(8)  # this mount's run: remote keys never outlive it
         self._local = threading.local()
+        self._big_pool: list[mmap.mmap] = []  # list.pop/append: atomic, no lock
         self._warned = False
 
     def open_for_reading(self, path_fd: int, fallback_fd: int) -> int:
@@ -73,13 +75,35 @@ class ReadPath:
         return fallback_fd
 
     def _new_buffer(self) -> memoryview:
-        """This worker thread's reply buffer, made on its first read."""
-        size = self.max_request + 2 * self.bs
+        """This worker thread's buffer for small replies, made on its first read."""
         # mmap: page aligned, so slices at block offsets suit O_DIRECT.
-        self._local.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf = self._local.buf = memoryview(self._local.map)
-        self._local.big = False
+        m = mmap.mmap(-1, _BIG_READ + 2 * self.bs, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = self._local.buf = memoryview(m)
+        self._local.big = None
         return buf
+
+    def _big_buffer(self) -> memoryview:
+        """A buffer for a reply above _BIG_READ, from the shared pool: the kernel hands
+        requests to workers in turn, so per-thread big buffers kept one MiB resident in
+        every worker (16 MiB and more, measured). read_done() gives it back."""
+        local = self._local
+        if getattr(local, "big", None) is None:
+            try:
+                local.big = self._big_pool.pop()
+            except IndexError:
+                size = self.max_request + 2 * self.bs
+                local.big = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return memoryview(local.big)
+
+    def read_done(self) -> None:
+        """The big reply of this thread's last read is sent: its buffer may be reused."""
+        m = getattr(self._local, "big", None)
+        if m is not None:
+            self._local.big = None
+            if len(self._big_pool) < _BIG_POOL:
+                self._big_pool.append(m)  # resident: the next big read costs no faults
+            else:  # its pages go back now; the map itself when the last view of it does
+                m.madvise(mmap.MADV_DONTNEED)
 
     def read(
         self,
@@ -121,15 +145,13 @@ class ReadPath:
                     return parts
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
-        local = self._local
-        try:
-            out = local.buf
-        except AttributeError:
-            out = self._new_buffer()
-        if local.big and size <= _BIG_READ:
-            # The last reply was big; it is sent by now: hand its pages back.
-            local.map.madvise(mmap.MADV_DONTNEED)
-        local.big = size > _BIG_READ
+        if size <= _BIG_READ:
+            try:
+                out = self._local.buf
+            except AttributeError:
+                out = self._new_buffer()
+        else:
+            out = self._big_buffer()
         start = offset - (first << shift)
         with cache.lock:
             version = state.version

@@ -118,6 +118,9 @@ class Operations:
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> Sequence[bytes | memoryview]:
         raise _nosys()
 
+    def read_done(self) -> None:
+        """A big READ reply of this thread was written: buffers it used may be reused."""
+
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         raise _nosys()
 

@@ -189,7 +189,7 @@ class Session:
         handlers = self._handlers
         unpack = wire.IN_HEADER.unpack_from
         read_args = _READ_ARGS.unpack_from
-        ops_read = self.ops.read
+        ops_read, ops_read_done = self.ops.read, self.ops.read_done
         pack_out = _OUT.pack
         fd = self.fd
         while True:
@@ -206,8 +206,11 @@ class Session:
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
                 try:
-                    parts = ops_read(nodeid, *read_args(buf, _HDR))
+                    fh, offset, size = read_args(buf, _HDR)
+                    parts = ops_read(nodeid, fh, offset, size)
                     os.writev(fd, [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts])
+                    if size > _BIG_REQUEST:  # its reply buffer is free again
+                        ops_read_done()
                 except OSError as e:
                     if e.errno not in (errno.ENOENT, errno.ENODEV):
                         self._reply_error(unique, e.errno or errno.EIO)
