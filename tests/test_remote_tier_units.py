@@ -141,11 +141,15 @@ def test_memcached_keys_are_legal_and_namespaced(key: bytes) -> None:
 
 
 class LyingStore(Store):
-    """Returns another key's value ("swap"), a flipped bit ("flip") or noise ("garbage")."""
+    """Returns another key's value ("swap"), a flipped bit ("flip") or noise ("garbage"),
+    or answers honestly but late ("slow")."""
 
     mode = "honest"
 
     def get_parts(self, ns, key, touch=True):  # type: ignore[override]
+        if self.mode == "slow":
+            time.sleep(0.3)
+            return super().get_parts(ns, key, touch)
         v = self.get_honest(ns, key)
         if v is None or self.mode == "honest":
             return None if v is None else (memoryview(v), b"")
@@ -290,3 +294,25 @@ def test_known_set_is_bounded_and_counters_reach_the_mount_stats(lying_lender) -
         assert tier.flush()
         tier.get_many([b"%032d" % 0, b"%032d" % 1])
         assert (ms.remote_hits, ms.remote_misses) == (1, 1)
+
+
+def test_get_one_forgets_a_lent_block_only_when_the_lender_answers_without_it(
+    lying_lender,
+) -> None:
+    srv, store = lying_lender()
+    url = "memlend://{}:{}".format(*srv.address)
+    key = b"%032d" % 7
+    with RemoteTier([url], AUTH, SEAL, deadline=0.05, **LOOSE) as tier:
+        tier.put(key, b"v" * 4096)
+        assert tier.flush()
+        assert tier.get_one(key) == b"v" * 4096
+        assert tier.snapshot()["remote_known_blocks"] == 1
+        store.mode = "slow"  # a timeout says nothing about what the lender holds
+        assert tier.get_one(key) is None
+        s = tier.snapshot()
+        assert s["remote_timeouts"] == 1 and s["remote_known_blocks"] == 1
+        time.sleep(0.4)  # the late reply went to the connection the timeout closed
+        store.mode = "flip"  # an answer without a valid copy does
+        assert tier.get_one(key) is None
+        s = tier.snapshot()
+        assert s["seal_failures"] == 1 and s["remote_known_blocks"] == 0

@@ -372,7 +372,7 @@ class ConfigRun:
             "limit": None if self.config == "ideal" else self.plan.client_memory,
         }
         row["cpu"] = tb.cpu_usage(cpu0, cpu1)
-        if self.daemon:  # the daemon's memory against its --cache-size (README: + 64 MiB)
+        if self.daemon:  # the daemon's memory beyond its --cache-size (see cache_size)
             with contextlib.suppress(OSError):
                 st = ft.proc_status(self.daemon)
                 row["daemon_memory"] = {

@@ -1,7 +1,8 @@
 """The read path: local cache first, then the backing store with O_DIRECT.
 
-Each FUSE worker thread owns one page-aligned buffer big enough for the
-largest request plus a block on each side. Cached blocks are copied into it
+Each FUSE worker thread owns one page-aligned buffer for replies up to BIG_READ
+plus a block on each side; bigger replies borrow one from a small shared pool until
+the session calls read_done(). Cached blocks are copied into the buffer
 under the cache lock; misses are read from the backing store straight into
 it (contiguous misses as one aligned preadv), then inserted into the cache.
 The reply is one memoryview slice of that buffer: no further copies.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
 from memlend.fs.stream import STREAM_AFTER, STREAM_MIN, ReadAhead, Stream
+from memlend.fuse.api import BIG_READ
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
@@ -42,7 +44,6 @@ def remote_key(epoch: bytes, file_id: int, version: int, block: int) -> bytes:
     return _REMOTE_KEY.pack(epoch, file_id, version, block)
 
 
-_BIG_READ = 256 * 1024
 _BIG_POOL = 4  # idle big reply buffers kept (resident) for the next big reads
 
 
@@ -77,13 +78,12 @@ class ReadPath:
     def _new_buffer(self) -> memoryview:
         """This worker thread's buffer for small replies, made on its first read."""
         # mmap: page aligned, so slices at block offsets suit O_DIRECT.
-        m = mmap.mmap(-1, _BIG_READ + 2 * self.bs, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m = mmap.mmap(-1, BIG_READ + 2 * self.bs, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buf = self._local.buf = memoryview(m)
-        self._local.big = None
         return buf
 
     def _big_buffer(self) -> memoryview:
-        """A buffer for a reply above _BIG_READ, from the shared pool: the kernel hands
+        """A buffer for a reply above BIG_READ, from the shared pool: the kernel hands
         requests to workers in turn, so per-thread big buffers kept one MiB resident in
         every worker (16 MiB and more, measured). read_done() gives it back."""
         local = self._local
@@ -145,7 +145,7 @@ class ReadPath:
                     return parts
         bs, shift, cache = self.bs, self.shift, self.cache
         first, last = offset >> shift, (offset + size - 1) >> shift
-        if size <= _BIG_READ:
+        if size <= BIG_READ:
             try:
                 out = self._local.buf
             except AttributeError:

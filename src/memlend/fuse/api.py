@@ -15,6 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+# READ replies above this size may use buffers shared between workers: the session
+# calls Operations.read_done() after each such READ.
+BIG_READ = 256 * 1024
+
 
 class Context(NamedTuple):
     """Who made the request."""
@@ -119,7 +123,8 @@ class Operations:
         raise _nosys()
 
     def read_done(self) -> None:
-        """A big READ reply of this thread was written: buffers it used may be reused."""
+        """A READ of more than BIG_READ bytes by this thread is over (its reply written
+        or failed): buffers it used may be reused. Called by the session."""
 
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         raise _nosys()

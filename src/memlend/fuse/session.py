@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from memlend.fuse import wire
-from memlend.fuse.api import Context, Operations, SetattrRequest
+from memlend.fuse.api import BIG_READ, Context, Operations, SetattrRequest
 from memlend.fuse.wire import Op
 
 log = logging.getLogger("memlend.fuse")
@@ -205,18 +205,18 @@ class Session:
             _, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack(buf, 0)
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
+                fh, offset, size = read_args(buf, _HDR)
                 try:
-                    fh, offset, size = read_args(buf, _HDR)
                     parts = ops_read(nodeid, fh, offset, size)
                     os.writev(fd, [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts])
-                    if size > _BIG_REQUEST:  # its reply buffer is free again
-                        ops_read_done()
                 except OSError as e:
                     if e.errno not in (errno.ENOENT, errno.ENODEV):
                         self._reply_error(unique, e.errno or errno.EIO)
                 except Exception:
                     log.exception("READ failed")
                     self._reply_error(unique, errno.EIO)
+                if size > BIG_READ:  # its reply buffer is free again, also after a failure
+                    ops_read_done()
                 continue
             handler = handlers.get(opcode)
             if handler is None:

@@ -5,7 +5,7 @@
 Servers (each a subprocess pinned to --server-cpu, loopback TCP):
   raw-blocking   baseline: a bare blocking-socket echo of 4 KiB, no protocol, no store
   threads        thread per connection, blocking sockets, memlend protocol + store
-  epoll          the lender's LenderServer (selectors/epoll, one thread), no busy-poll
+  epoll          the lender's LenderServer (epoll, one thread), no busy-poll
   epoll+spin50   same, polling 50 µs after each request before sleeping
   epoll+spin200  same, 200 µs
 Clients (pinned to --client-cpu): LenderClient with busy_poll_us 0 (blocking) and 200.

@@ -76,8 +76,11 @@ class LenderClient(SpinSocket):
         except p.ProtocolError as e:
             raise RemoteError(f"bad reply from lender: {e}") from None
 
-    def _expect(self, kind: type, deadline: float, request_id: int | None = None):
-        spin = request_id is not None and self._spin()
+    def _expect(
+        self, kind: type, deadline: float, request_id: int | None = None, spin: bool | None = None
+    ):
+        if spin is None:  # a reply to a request just sent: spin if the policy says so
+            spin = request_id is not None and self._spin()
         events = self._events
         while True:
             if events:
@@ -135,7 +138,7 @@ class LenderClient(SpinSocket):
             if value is not p.NOT_FAST:
                 return value
             self._recv_events(data)
-            reply = self._expect(p.GetReply, deadline, rid)
+            reply = self._expect(p.GetReply, deadline, rid, spin=False)  # spun above
         except OSError as e:
             self.close()
             raise RemoteError(f"lender connection failed: {e}") from e

@@ -14,7 +14,8 @@ to the others, pings them and calls `reactivate()` when they answer fast again.
 Every change away from active bumps `generation`, so connections opened before it
 are closed when their users give them back instead of going back to the pool.
 
-All methods are thread-safe and do no I/O; the lock is held for a few operations.
+All methods are thread-safe and do no I/O; the lock is held for a few operations,
+and `ok()`, called on every remote hit, takes it only when something changes.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ class LenderHealth:
         many FUSE workers), which would suspend a healthy lender under load; the
         prober's pings are (`probed`). A single call above `suspend_single` still
         suspends (only possible with a deadline that long)."""
-        # Every remote hit comes here: no lock unless the state changes. The counters
-        # it touches without one are for display, where a lost update does no harm.
-        self._timeouts_in_row = 0
+        # Every remote hit comes here: no lock unless there is something to change.
+        # avg and samples are for display, where a lost update does no harm; the
+        # timeouts in a row are not (timeout() counts them under the lock).
+        if self._timeouts_in_row:
+            with self._lock:
+                self._timeouts_in_row = 0
         if self.state != ACTIVE:
             return
         self.samples += 1

@@ -468,8 +468,8 @@ def get_reply_parts(
 ) -> list[bytes | memoryview]:
     """A GET_REPLY as a list of buffers for sendmsg: each found value given as the
     pieces it is stored in (the lender's slot and tail), sent without joining them.
-    Values are not checked against the frame limit: the caller leaves out (reports
-    missing) what does not fit, as ServerConnection.send_get_reply's callers do."""
+    ValueError when the reply would exceed the frame limit: the caller leaves out
+    (reports missing) what does not fit."""
     parts: list[bytes | memoryview] = [b"", _U16.pack(len(values))]
     length = 2
     for v in values:
@@ -618,14 +618,8 @@ class ServerConnection(_Connection):
         return encode_frame(MsgType.AUTH_OK, 0, _AUTH_OK.pack(max_value, max_keys))
 
     def send_get_reply(self, request_id: int, values: Sequence[bytes | memoryview | None]) -> bytes:
-        parts: list[bytes | memoryview] = [_U16.pack(len(values))]
-        for v in values:
-            if v is None:
-                parts.append(b"\0")
-            else:
-                parts.append(b"\1" + _U32.pack(len(v)))
-                parts.append(v)
-        return encode_frame(MsgType.GET_REPLY, request_id, *parts)
+        pieces = [None if v is None else (v,) for v in values]
+        return b"".join(get_reply_parts(request_id, pieces))
 
     def send_ack(self, request_id: int, count: int) -> bytes:
         return encode_frame(MsgType.ACK, request_id, _U32.pack(count))

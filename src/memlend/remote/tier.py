@@ -58,7 +58,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memlend.remote import protocol as p
 from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, parse_address
@@ -67,6 +67,9 @@ from memlend.remote.memcached import MemcachedClient
 from memlend.remote.placement import Rendezvous
 from memlend.remote.sealing import Sealer, SealError, client_id_for
 from memlend.remote.secret import auth_key
+
+if TYPE_CHECKING:
+    from memlend.stats import MountStats
 
 log = logging.getLogger("memlend.remote")
 
@@ -229,7 +232,7 @@ class RemoteTier:
         queue_blocks: int = 4096,
         batch: int = 32,
         mode: str = "inclusive",
-        stats: object | None = None,
+        stats: MountStats | None = None,
         queue_bytes: int | None = None,
         remember_blocks: int = 65536,
         probe_interval: float = 0.5,
@@ -348,21 +351,14 @@ class RemoteTier:
         ld = lenders[0] if len(lenders) == 1 else lenders[self._placement.owner(key)]
         data: bytes | None = None
         bad = errors = 0
+        answered = False  # the lender said whether it holds the block
         if ld.health.state == ACTIVE and 0 < len(key) <= p.MAX_KEY_LEN:
             c = None
             t0 = time.monotonic()
             try:
                 c, gen = ld.acquire(self.deadline)
                 blob = c.get_one(key, t0 + self.deadline)
-                elapsed = time.monotonic() - t0
-                ld.health.ok(elapsed)
-                ld.release(c, gen)
-                self._latencies.append(elapsed)
-                if blob is not None:
-                    try:
-                        data = self._sealer.open(key, blob)
-                    except SealError:
-                        bad = 1
+                answered = True
             except Exception as e:  # invariant 2: a miss, never a failed read
                 if c is not None:
                     c.close()
@@ -370,6 +366,16 @@ class RemoteTier:
                     self._fault(ld, e, time.monotonic() - t0)
                 except Exception:
                     errors = 1
+            if answered:
+                elapsed = time.monotonic() - t0
+                ld.health.ok(elapsed)
+                ld.release(c, gen)  # back in the pool: another worker may take it now
+                self._latencies.append(elapsed)
+                if blob is not None:
+                    try:
+                        data = self._sealer.open(key, blob)
+                    except SealError:
+                        bad = 1
         hit = data is not None
         with self._clock:
             c = self.c
@@ -397,8 +403,8 @@ class RemoteTier:
                     known.move_to_end(key)
                     if len(known) > self.remember_blocks:
                         known.popitem(last=False)
-        elif self._known:
-            with self._qlock:  # not there (any more): see _get_many
+        elif answered and self._known:
+            with self._qlock:  # it answered without a valid copy: see _get_many
                 self._known.pop(key, None)
         return data
 
