@@ -251,3 +251,26 @@ def test_mmap_coherent_with_read_and_write(mount: Mount) -> None:
         os.close(fd)
         os.close(other)
     assert (mount.backing / "f").read_bytes() == f.read_bytes()
+
+
+def test_big_directory_lists_and_removes(mount: Mount) -> None:
+    # Thousands of short names: one READDIR asks for up to 128 KiB of entries, more
+    # records than writev() takes pieces (a reply refused by the kernel left `rm -r`
+    # blocked for good; SIGKILL cannot free a process waiting on a FUSE request).
+    d = mount.backing / "big"
+    d.mkdir()
+    names = {f"f{i}" for i in range(5000)}
+    for n in names:
+        (d / n).touch()
+    for cmd in (["ls", "-f", str(mount.mnt / "big")], ["rm", "-r", str(mount.mnt / "big")]):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(mount.pid, 9)  # frees the caller (the connection is aborted)
+            p.communicate()
+            pytest.fail(f"{cmd[0]} on a directory of 5000 files hung")
+        assert p.returncode == 0, err
+        if cmd[0] == "ls":
+            assert set(out.split()) == names | {".", ".."}
+    assert not d.exists()

@@ -331,13 +331,27 @@ class Testbed:
         self.procs.append(p)
         try:
             out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_stuck(p)
+            raise RuntimeError(f"{cmd[0]} did not finish within {timeout:.0f} s") from None
         except BaseException:
-            p.kill()
-            p.wait()
+            self._kill_stuck(p)
             raise
         finally:
             self.procs.remove(p)
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+    def _kill_stuck(self, p: subprocess.Popen) -> None:
+        """SIGKILL `p`. A process waiting for an answer from a FUSE daemon that will
+        not give one outlives SIGKILL; killing the mount daemons aborts their
+        connections, which frees it (the mount then fails the cells after this one)."""
+        p.kill()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            for pid in list(self.daemons):
+                ft.kill_pid(pid)
+            p.wait(30)
 
     def wait_port(self, host: str, port: int, proc: subprocess.Popen, what: str) -> None:
         """Wait until `proc` accepts connections at host:port, as seen from the client VM

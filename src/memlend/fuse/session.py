@@ -28,6 +28,7 @@ NO_REPLY = object()  # FORGET and INTERRUPT must not be answered
 
 _HDR = wire.IN_HEADER.size
 _BIG_REQUEST = 256 * 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _READ = int(Op.READ)
 _READ_ARGS = struct.Struct("<QQI")  # fh offset size: the head of fuse_read_in
 _OUT = wire.OUT_HEADER
@@ -243,12 +244,17 @@ class Session:
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
         size = _OUT.size + sum(len(p) for p in payload)
+        if len(payload) >= _IOV_MAX:  # writev() would refuse it
+            payload = [b"".join(payload)]
         try:
             os.writev(self.fd, [_OUT.pack(size, 0, unique), *payload])
         except OSError as e:
             # ENOENT: the request was interrupted and the kernel gave up on it.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("reply to request %d failed: %s", unique, e)
+                # A request never answered blocks its caller for good (not even
+                # SIGKILL frees it): answer it with an error instead.
+                self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
         try:
@@ -383,7 +389,7 @@ class Session:
         flags, _ = wire.OPEN_IN.unpack_from(body)
         return wire.OPEN_OUT.pack(self.ops.opendir(ctx, nodeid, flags), 0, 0)
 
-    def _readdir(self, nodeid: int, body: memoryview, ctx: Context) -> list[bytes]:
+    def _readdir(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
         fh, offset, size, *_ = wire.READ_IN.unpack_from(body)
         out: list[bytes] = []
         used = 0
@@ -393,7 +399,9 @@ class Session:
                 break
             out.append(rec)
             used += len(rec)
-        return out
+        # One buffer: Linux 6.x asks for up to 128 KiB of entries at a time, thousands
+        # of records, and writev() refuses more than IOV_MAX (1024) pieces with EINVAL.
+        return b"".join(out)
 
     def _releasedir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
         fh, *_ = wire.RELEASE_IN.unpack_from(body)
