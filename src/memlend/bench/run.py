@@ -210,12 +210,7 @@ class ConfigRun:
         defined as lenders that hold the data set."""
         assert self.client is not None
         self.bed.throttle(self.client, None, None)
-        cmd = ["fio", "--name=warm", f"--filename={self.path()}", "--rw=randread", "--bs=16k"]
-        cmd += [f"--size={self.plan.dataset}", "--ioengine=psync", "--output-format=json"]
-        # randrepeat=0: fio's offsets do not depend on --randseed, and a warm-up in
-        # the measured order would favour caches that keep the first blocks read (LIRS)
-        cmd += ["--randrepeat=0", *wl.KEEP, *wl.VERIFY]
-        cmds = [cmd]
+        cmds = [_warm_read_cmd("warm", self.path(), f"--size={self.plan.dataset}", *wl.VERIFY)]
         if self.plan.sqlite_rows:
             # the database first: the data set, which most workloads read, is read last
             # (a page cache holds what came last; it held the database and answered no
@@ -258,9 +253,7 @@ class ConfigRun:
         }
 
     def _warm_db_cmd(self) -> list[str]:
-        db = os.path.join(os.path.dirname(self.path()), wl.DB)
-        cmd = ["fio", "--name=warmdb", f"--filename={db}", "--rw=randread", "--bs=16k"]
-        return [*cmd, "--ioengine=psync", "--output-format=json", "--randrepeat=0", *wl.KEEP]
+        return _warm_read_cmd("warmdb", os.path.join(os.path.dirname(self.path()), wl.DB))
 
     def measure(self, work: wl.Workload, disk: str) -> dict:
         assert self.client is not None
@@ -440,6 +433,14 @@ class ConfigRun:
 
 
 # ---- the matrix -------------------------------------------------------------------
+
+
+def _warm_read_cmd(name: str, path: str, *extra: str) -> list[str]:
+    """fio reading every 16 KiB block of `path` once, in random order. randrepeat=0:
+    fio's offsets do not depend on --randseed, and a warm-up in the measured order
+    would favour caches that keep the first blocks read (LIRS)."""
+    cmd = ["fio", f"--name={name}", f"--filename={path}", "--rw=randread", "--bs=16k"]
+    return [*cmd, "--ioengine=psync", "--output-format=json", "--randrepeat=0", *wl.KEEP, *extra]
 
 
 def _interrupt(signum: int, frame: object) -> None:

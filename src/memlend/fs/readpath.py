@@ -75,11 +75,14 @@ class ReadPath:
                     self._warned = True
         return fallback_fd
 
+    def _map(self, reply: int) -> mmap.mmap:
+        """A buffer for replies of up to `reply` bytes plus a block on each side; mmap:
+        page aligned, so slices at block offsets suit O_DIRECT."""
+        return mmap.mmap(-1, reply + 2 * self.bs, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
     def _new_buffer(self) -> memoryview:
         """This worker thread's buffer for small replies, made on its first read."""
-        # mmap: page aligned, so slices at block offsets suit O_DIRECT.
-        m = mmap.mmap(-1, BIG_READ + 2 * self.bs, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf = self._local.buf = memoryview(m)
+        buf = self._local.buf = memoryview(self._map(BIG_READ))
         return buf
 
     def _big_buffer(self) -> memoryview:
@@ -91,8 +94,7 @@ class ReadPath:
             try:
                 local.big = self._big_pool.pop()
             except IndexError:
-                size = self.max_request + 2 * self.bs
-                local.big = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                local.big = self._map(self.max_request)
         return memoryview(local.big)
 
     def read_done(self) -> None:

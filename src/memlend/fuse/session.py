@@ -244,7 +244,9 @@ class Session:
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
         size = _OUT.size + sum(len(p) for p in payload)
-        if len(payload) >= _IOV_MAX:  # writev() would refuse it
+        if len(payload) >= _IOV_MAX:
+            # writev() refuses more than IOV_MAX pieces (EINVAL): a READDIR of a big
+            # directory (Linux 6.x asks for up to 128 KiB of entries) has thousands
             payload = [b"".join(payload)]
         try:
             os.writev(self.fd, [_OUT.pack(size, 0, unique), *payload])
@@ -389,7 +391,7 @@ class Session:
         flags, _ = wire.OPEN_IN.unpack_from(body)
         return wire.OPEN_OUT.pack(self.ops.opendir(ctx, nodeid, flags), 0, 0)
 
-    def _readdir(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
+    def _readdir(self, nodeid: int, body: memoryview, ctx: Context) -> list[bytes]:
         fh, offset, size, *_ = wire.READ_IN.unpack_from(body)
         out: list[bytes] = []
         used = 0
@@ -399,9 +401,7 @@ class Session:
                 break
             out.append(rec)
             used += len(rec)
-        # One buffer: Linux 6.x asks for up to 128 KiB of entries at a time, thousands
-        # of records, and writev() refuses more than IOV_MAX (1024) pieces with EINVAL.
-        return b"".join(out)
+        return out  # thousands of records for a big directory: _reply joins them
 
     def _releasedir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
         fh, *_ = wire.RELEASE_IN.unpack_from(body)
