@@ -68,12 +68,23 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a mount runs in both local tiers, unless marked
+    @pytest.mark.tiers("memlend") (or "kernel"): what it checks exists in one only."""
+    if "local_tier" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("tiers")
+        metafunc.parametrize("local_tier", marker.args if marker else ("kernel", "memlend"))
+
+
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
-    """mount_factory(*options, backing=None) -> Mount; every mount is undone at teardown."""
+def mount_factory(tmp_path: Path, local_tier: str) -> Iterator[Callable[..., Mount]]:
+    """mount_factory(*options, backing=None) -> Mount; every mount is undone at teardown.
+    Mounts get --local-tier `local_tier` unless `options` name one."""
     made: list[Mount] = []
 
     def make(*options: str, backing: Path | None = None) -> Mount:
+        if "--local-tier" not in options:
+            options = ("--local-tier", local_tier, *options)
         n = len(made)
         b = backing or tmp_path / f"backing{n}"
         b.mkdir(exist_ok=True)

@@ -127,13 +127,14 @@ def test_mountpoint_inside_backing(dirs: tuple[Path, Path]) -> None:
         ("--block-size", "2M", ("power of two",)),
         ("--block-size", "abc", ("abc",)),
         ("--policy", "nosuchpolicy", ("nosuchpolicy",)),
-        ("--cache-size", "4K", ("too small",)),
+        ("--cache-size", "4K", ("too small",)),  # (with --local-tier memlend: its cache)
         ("--threads", "0", ("threads",)),
     ],
 )
 def test_bad_options(dirs: tuple[Path, Path], option: str, value: str, words: tuple) -> None:
     b, m = dirs
-    bad_mount(m, str(b), str(m), f"{option}={value}", words=words)
+    tier = ["--local-tier=memlend"] if option == "--cache-size" else []
+    bad_mount(m, str(b), str(m), f"{option}={value}", *tier, words=words)
 
 
 def test_stats_and_umount_on_a_plain_directory(dirs: tuple[Path, Path], tmp_path: Path) -> None:

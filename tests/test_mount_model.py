@@ -368,7 +368,7 @@ def _all(written: int, want: int) -> None:
     assert written == want
 
 
-def test_mount_matches_plain_directory(mount_factory, tmp_path: Path) -> None:
+def test_mount_matches_plain_directory(mount_factory, tmp_path: Path, local_tier: str) -> None:
     mnt = mount_factory("--cache-size", "1M", "--block-size", "4K")
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -383,7 +383,9 @@ def test_mount_matches_plain_directory(mount_factory, tmp_path: Path) -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         ),
     )
-    # The small cache was really exercised: blocks were cached and evicted.
     s = mnt.stats()
-    assert s["local_hits"] > 0
-    assert s["invalidated_blocks"] > 0
+    if local_tier == "memlend":  # the small cache was really exercised
+        assert s["local_hits"] > 0
+        assert s["invalidated_blocks"] > 0
+    else:  # the kernel's misses reached the daemon (its hits never do)
+        assert s["local_misses"] > 0

@@ -219,13 +219,15 @@ def test_fio_write_then_verify(mount: Mount) -> None:
     assert (mount.backing / "data").stat().st_size == 4 << 20
 
 
-def test_fio_randread(mount: Mount) -> None:
+def test_fio_randread(mount: Mount, local_tier: str) -> None:
     (mount.backing / "data").write_bytes(random.Random(9).randbytes(4 << 20))
     before = mount.stats()
-    _fio(mount.mnt, "--name=r", "--filename=data", "--rw=randread", "--loops=3")
+    # (fio drops a file's page cache before each loop unless told not to)
+    _fio(mount.mnt, "--name=r", "--filename=data", "--rw=randread", "--loops=3", "--invalidate=0")
     after = mount.stats()
-    # 3 passes over 4 MiB through an 8 MiB cache: the later passes hit.
-    assert after["local_hits"] - before["local_hits"] >= 2 * 1024
+    # 3 passes over 4 MiB through an 8 MiB cache (or the page cache): the later passes hit.
+    if local_tier == "memlend":
+        assert after["local_hits"] - before["local_hits"] >= 2 * 1024
     assert after["disk_read_bytes"] - before["disk_read_bytes"] <= 5 << 20
 
 

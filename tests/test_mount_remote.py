@@ -88,7 +88,8 @@ def remote_opts(
     policy: str | None = None,
 ) -> list[str]:
     opts = ["--cache-size", cache, "--block-size", "16K", "--seal-key-file", str(seal)]
-    opts += ["--remote-deadline", "20"]
+    # Streams ask the lenders even though this machine's disk outruns them.
+    opts += ["--remote-deadline", "20", "--lender-streams", "always"]
     for url in urls:
         opts += ["--lender", url]
     if secret is not None:
@@ -110,6 +111,13 @@ def make_files(
     return data
 
 
+def drop_pages(*fds: int) -> None:
+    """Make the kernel page cache drop these files, as memory pressure would, so that
+    the kernel tier's reads reach memlend (memlend's own tier uses direct I/O: no-op)."""
+    for fd in fds:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def read_pass(
     m: Mount,
     data: dict[str, bytes],
@@ -122,6 +130,7 @@ def read_pass(
     `halfway` is called once half of the reads are done. Returns the number of reads."""
     fds = {name: os.open(m.mnt / name, os.O_RDONLY) for name in data}
     try:
+        drop_pages(*fds.values())
         order = [(name, off) for name, d in data.items() for off in range(0, len(d), chunk)]
         random.Random(seed).shuffle(order)
         for i, (name, off) in enumerate(order):
@@ -580,6 +589,9 @@ class Target:
     def evict(self) -> None:
         read_pass(self.m, self.flusher, seed=0)
         settle(self.m)
+        fd = os.open(self.m.mnt / "t", os.O_RDONLY)  # the kernel tier's local copy
+        drop_pages(fd)
+        os.close(fd)
 
     def lend(self) -> None:
         """Leave every block of t on the lender (checked) and none in the local cache.

@@ -24,6 +24,7 @@ from memlend.sizes import parse_size
 DEFAULT_CACHE = "256M"
 DEFAULT_BLOCK = "16K"  # docs/benchmarks.md: block size
 DEFAULT_POLICY = "lirs"  # docs/policies.md
+DEFAULT_TIER = "kernel"  # docs/design-choices.md: the testbed's matrix
 
 
 def _size(text: str) -> int:
@@ -53,9 +54,11 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         "mount",
         help="mirror a directory through memlend's cache (FUSE)",
         description=(
-            "Mount BACKING at MOUNTPOINT. Reads are served from memlend's own block cache "
-            "(BACKING is read with O_DIRECT, the mount uses direct I/O, so the kernel page "
-            "cache keeps no second copy); writes go straight through to BACKING. Returns "
+            "Mount BACKING at MOUNTPOINT. The first tier is the kernel page cache "
+            "(--local-tier kernel) or memlend's own block cache (--local-tier memlend); "
+            "either way BACKING is read with O_DIRECT, so no second local copy is kept, and "
+            "with --lender what the first tier cannot hold is lent to other machines. "
+            "Writes go through to BACKING. Returns "
             "once the mount is ready; the daemon keeps running in the background and logs "
             "to /run/memlend/mount-<mountpoint>.log (or $XDG_RUNTIME_DIR/memlend). Stop it "
             "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon."
@@ -64,12 +67,28 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument("backing", metavar="BACKING", help="the directory to mirror")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     p.add_argument(
+        "--local-tier",
+        choices=("kernel", "memlend"),
+        default=DEFAULT_TIER,
+        help="the first tier: `kernel`, the kernel page cache (hits at page-cache speed; "
+        "memlend holds no copy and lends every block it reads from disk), or `memlend`, "
+        "memlend's own block cache of --cache-size under --policy (direct I/O, "
+        f"scan-resistant; every hit goes through the daemon). Default {DEFAULT_TIER}; "
+        "docs/design-choices.md says which won where",
+    )
+    p.add_argument(
+        "--writeback-cache",
+        action="store_true",
+        help="with --local-tier kernel: let the kernel absorb writes in its page cache and "
+        "send them in batches, as a local file system does (fsync and close flush them)",
+    )
+    p.add_argument(
         "--cache-size",
         type=_size,
         default=DEFAULT_CACHE,
         metavar="SIZE",
-        help=f"memory for cached blocks, bookkeeping included: a hard limit "
-        f"(e.g. 512M, 1.5G; default {DEFAULT_CACHE})",
+        help=f"memlend's own cache (--local-tier memlend): memory for cached blocks, "
+        f"bookkeeping included, a hard limit (e.g. 512M, 1.5G; default {DEFAULT_CACHE})",
     )
     p.add_argument(
         "--block-size",
@@ -137,6 +156,14 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         help="inclusive (default): a block read back stays on the lender, and is not sent "
         "again; exclusive: it is deleted from the lender (docs/remote.md)",
     )
+    remote.add_argument(
+        "--lender-streams",
+        choices=("auto", "always"),
+        default="auto",
+        help="with --local-tier kernel, whether sequential reads ask the lenders: auto "
+        "(default) while they deliver a block faster than the disk, as measured; always, "
+        "even when the disk is faster (spares a metered disk's IOPS)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -158,11 +185,14 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         threads=args.threads,
         attr_timeout=args.attr_timeout,
         direct_io=not args.buffered_backing,
+        local_tier=args.local_tier,
+        writeback_cache=args.writeback_cache,
         lenders=args.lender,
         secret_file=args.secret_file,
         seal_key_file=args.seal_key_file,
         remote_deadline=args.remote_deadline / 1000,
         remote_mode=args.remote_mode,
+        lender_streams=args.lender_streams,
     )
     return check_config(cfg)
 
@@ -207,18 +237,10 @@ def _pipe_ready(fd: int):  # -> Callable[[str | None], None]
 def _spawn_daemon(args: argparse.Namespace) -> int:
     log_file = args.log_file or str(_log_path(args.mountpoint))
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "memlend", "mount", args.backing, args.mountpoint]
-    cmd += ["--cache-size", str(args.cache_size), "--block-size", str(args.block_size)]
-    cmd += ["--policy", args.policy, "--threads", str(args.threads)]
-    cmd += ["--attr-timeout", str(args.attr_timeout), "--log-file", log_file]
-    cmd += ["--ready-fd", str(w)] + (["--debug"] if args.debug else [])
-    cmd += ["--buffered-backing"] if args.buffered_backing else []
-    for url in args.lender:
-        cmd += ["--lender", url]
-    for opt in ("secret_file", "seal_key_file"):
-        if getattr(args, opt):
-            cmd += ["--" + opt.replace("_", "-"), os.path.abspath(getattr(args, opt))]
-    cmd += ["--remote-deadline", str(args.remote_deadline), "--remote-mode", args.remote_mode]
+    # The daemon gets the user's own arguments (every flag, whatever is added later),
+    # plus where to log and the pipe to say "ready" on; it runs in our directory.
+    cmd = [sys.executable, "-m", "memlend", *args.argv, "--log-file", log_file]
+    cmd += ["--ready-fd", str(w)]
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=devnull, stdout=log, stderr=log, pass_fds=[w], start_new_session=True
@@ -436,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return args.func(args)
     except UserError as e:

@@ -24,19 +24,38 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
     t = Table(title=f"memlend {stats['mountpoint']} (pid {stats['pid']})", show_header=False)
     t.add_column("counter", style="bold")
     t.add_column("value", justify="right")
+    if stats.get("local_tier") == "kernel":
+        # Page-cache hits never reach the daemon: only the misses can be counted.
+        wb = ", writeback cache" if stats.get("writeback_cache") else ""
+        local = [
+            ("local tier", f"kernel page cache{wb}"),
+            ("block size", human_bytes(stats["block_size"])),
+            ("page-cache misses (blocks)", f"{misses}"),
+        ]
+    else:
+        local = [
+            ("local tier", "memlend"),
+            ("policy", stats["policy"]),
+            ("cache size", human_bytes(stats["cache_size"])),
+            ("block size", human_bytes(stats["block_size"])),
+            ("resident blocks", f"{stats['resident_blocks']} of {stats['slots']}"),
+            ("local hits", f"{hits}"),
+            ("local misses", f"{misses}"),
+            ("hit ratio", f"{ratio:.1%}"),
+        ]
     rows = [
         ("backing", stats["backing"]),
-        ("policy", stats["policy"]),
-        ("cache size", human_bytes(stats["cache_size"])),
-        ("block size", human_bytes(stats["block_size"])),
-        ("resident blocks", f"{stats['resident_blocks']} of {stats['slots']}"),
-        ("local hits", f"{hits}"),
-        ("local misses", f"{misses}"),
-        ("hit ratio", f"{ratio:.1%}"),
+        *local,
         ("disk reads", f"{stats['disk_reads']}"),
         ("bytes read from disk", human_bytes(stats["disk_read_bytes"])),
-        ("evictions", f"{stats['evictions']}"),
-        ("blocks invalidated", f"{stats['invalidated_blocks']}"),
+        *(
+            []
+            if stats.get("local_tier") == "kernel"
+            else [
+                ("evictions", f"{stats['evictions']}"),
+                ("blocks invalidated", f"{stats['invalidated_blocks']}"),
+            ]
+        ),
         ("writes", f"{stats['writes']} ({human_bytes(stats['write_bytes'])})"),
         ("remote hits / misses", f"{stats['remote_hits']} / {stats['remote_misses']}"),
         ("O_DIRECT backing reads", "yes" if stats["direct_io"] else "no"),

@@ -17,6 +17,8 @@ class MountStats:
     slots: int = 0
     policy: str = ""
     direct_io: bool = True
+    local_tier: str = "memlend"
+    writeback_cache: bool = False
     mmap_allowed: bool = False
     local_hits: int = 0
     local_misses: int = 0

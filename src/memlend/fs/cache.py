@@ -161,3 +161,26 @@ class BlockCache:
 
     def close(self) -> None:
         self.arena.close()
+
+
+class NoCache:
+    """The local tier when the kernel page cache is memlend's first tier
+    (--local-tier kernel): memlend keeps no block of its own. It has BlockCache's
+    interface (the passthrough's invalidation code is shared), and holds nothing."""
+
+    slots = 0
+
+    def __init__(self, block_size: int, stats: MountStats) -> None:
+        self.block_size = block_size
+        self.lock = threading.Lock()  # orders file-version changes, as BlockCache's does
+        self.on_evict: Callable[[int, memoryview], None] | None = None
+        stats.slots = 0
+
+    def resident(self, file_id: int) -> int:
+        return 0
+
+    def drop_range(self, file_id: int, first: int, last: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memlend.errors import UserError
-from memlend.fs.cache import BlockCache, slots_for
+from memlend.fs.cache import BlockCache, NoCache, slots_for
 from memlend.fs.passthrough import Passthrough
 from memlend.fuse.mount import MountError, is_mountpoint, mount, unmount
 from memlend.fuse.session import Session
@@ -32,6 +32,7 @@ log = logging.getLogger("memlend")
 
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
 PUT_QUEUE_BYTES = 16 << 20  # evicted blocks waiting for the lenders, at most
+LOCAL_TIERS = ("kernel", "memlend")
 EXIT_GRACE = 5  # seconds to wait, after unmount, for workers still inside a request
 
 
@@ -45,11 +46,14 @@ class MountConfig:
     threads: int = 16
     attr_timeout: float = 1.0
     direct_io: bool = True
+    local_tier: str = "memlend"  # or "kernel": the page cache is the first tier
+    writeback_cache: bool = False  # the kernel tier: the kernel's writeback cache
     lenders: list[str] = field(default_factory=list)  # memlend:// or memcached:// URLs
     secret_file: str | None = None  # shared with memlend:// lenders (authentication)
     seal_key_file: str | None = None  # never leaves this host; default: seal_key_path()
     remote_deadline: float = 0.002
     remote_mode: str = "inclusive"
+    lender_streams: str = "auto"  # or "always": streams ask lenders even when the disk is faster
 
 
 def seal_key_path() -> str:
@@ -146,12 +150,18 @@ def check_config(cfg: MountConfig) -> MountConfig:
     bs = cfg.block_size
     if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
         raise UserError(f"block size {bs} must be a power of two from 4K to 1M")
-    if slots_for(cfg.cache_size, bs, cfg.policy) < 16:
+    if cfg.local_tier == "memlend" and slots_for(cfg.cache_size, bs, cfg.policy) < 16:
         raise UserError(
             f"cache size {cfg.cache_size} is too small for block size {bs} (needs 16 blocks)"
         )
     if cfg.policy not in POLICIES:
         raise UserError(f"unknown policy {cfg.policy!r} (known: {', '.join(sorted(POLICIES))})")
+    if cfg.local_tier not in LOCAL_TIERS:
+        raise UserError(f"--local-tier must be one of {', '.join(LOCAL_TIERS)}")
+    if cfg.writeback_cache and cfg.local_tier != "kernel":
+        raise UserError(
+            "--writeback-cache needs --local-tier kernel (memlend's own tier writes through)"
+        )
     if cfg.threads < 1:
         raise UserError("--threads must be at least 1")
     for url in cfg.lenders:
@@ -164,6 +174,8 @@ def check_config(cfg: MountConfig) -> MountConfig:
             raise UserError(f"lender {url!r}: {e}") from None
         if scheme == "memlend" and not cfg.secret_file:
             raise UserError(f"lender {url} needs --secret-file (the secret it was started with)")
+    if cfg.lender_streams not in ("auto", "always"):
+        raise UserError("--lender-streams must be auto or always")
     if cfg.remote_mode not in ("inclusive", "exclusive"):
         raise UserError("--remote-mode must be inclusive or exclusive")
     if cfg.remote_deadline <= 0:
@@ -221,10 +233,15 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         block_size=cfg.block_size,
         policy=cfg.policy,
         direct_io=cfg.direct_io,
+        local_tier=cfg.local_tier,
         started=time.time(),
     )
-    cache = BlockCache(cfg.cache_size, cfg.block_size, cfg.policy, stats)
-    fs = Passthrough(cfg.backing, cache, stats, direct_io=cfg.direct_io)
+    kernel_tier = cfg.local_tier == "kernel"
+    if kernel_tier:  # the kernel's page cache holds the pages: no arena
+        cache: BlockCache | NoCache = NoCache(cfg.block_size, stats)
+    else:
+        cache = BlockCache(cfg.cache_size, cfg.block_size, cfg.policy, stats)
+    fs = Passthrough(cfg.backing, cache, stats, direct_io=cfg.direct_io, local_tier=cfg.local_tier)
     tier = None
     if cfg.lenders:
         from memlend.remote.tier import RemoteTier
@@ -245,6 +262,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
                 log.warning("lender %s is %s; retrying in the background", lender["url"],
                             lender["state"])  # fmt: skip
         fs.attach_remote(tier)
+        fs.reader.streams_always = cfg.lender_streams == "always"
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -265,17 +283,27 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         ready(str(e))
         return 1
     session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
-                      entry_timeout=cfg.attr_timeout)  # fmt: skip
+                      entry_timeout=cfg.attr_timeout,
+                      writeback_cache=cfg.writeback_cache)  # fmt: skip
     try:
         session.handshake()
-        stats.mmap_allowed = session.mmap_allowed
+        # Page-cache mounts map files as any file system does; direct I/O ones need
+        # the kernel's DIRECT_IO_ALLOW_MMAP.
+        stats.mmap_allowed = kernel_tier or session.mmap_allowed
+        fs.writeback = stats.writeback_cache = session.writeback_cache
         fs.on_outside_change = _Notifier(session)
         session.start()
-        log.info(
-            "mounted %s on %s: cache %d blocks of %d bytes, policy %s%s",
-            cfg.backing, cfg.mountpoint, cache.slots, cfg.block_size, cfg.policy,
-            "" if session.mmap_allowed else " (kernel lacks DIRECT_IO_ALLOW_MMAP: no shared mmap)",
-        )  # fmt: skip
+        if kernel_tier:
+            log.info("mounted %s on %s: the kernel page cache is the local tier%s",
+                     cfg.backing, cfg.mountpoint,
+                     ", writeback cache" if session.writeback_cache else "")  # fmt: skip
+        else:
+            log.info(
+                "mounted %s on %s: cache %d blocks of %d bytes, policy %s%s",
+                cfg.backing, cfg.mountpoint, cache.slots, cfg.block_size, cfg.policy,
+                "" if session.mmap_allowed
+                else " (kernel lacks DIRECT_IO_ALLOW_MMAP: no shared mmap)",
+            )  # fmt: skip
         ready(None)
         closed_at = None
         while not session.wait(timeout=0.5):

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
+from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache, NoCache
+from memlend.fs.kernel_tier import KernelReadPath
 from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
 from memlend.fuse import wire
@@ -70,6 +71,9 @@ class FileState:
     mtime_ns: int
     ctime_ns: int
     version: int = 0  # bumped on every change; readers insert only if unchanged
+    outside: int = 0  # changes found made outside the mount
+    outside_at_open: int = 0  # `outside` when the kernel last opened it with its pages
+    lent_version: int = -1  # the kernel tier: last version some blocks were lent under
 
 
 @dataclass(slots=True)
@@ -100,10 +104,11 @@ class Passthrough(Operations):
     def __init__(
         self,
         backing: str,
-        cache: BlockCache,
+        cache: BlockCache | NoCache,
         stats: MountStats,
         *,
         direct_io: bool = True,
+        local_tier: str = "memlend",
     ) -> None:
         self.backing = backing
         self.cache = cache
@@ -123,7 +128,11 @@ class Passthrough(Operations):
         self._file_ids = itertools.count(1)
         self._lock = threading.Lock()  # inode table, file states, handles
         self._euid = os.geteuid()
-        self.reader = ReadPath(cache, stats, direct_io=direct_io)
+        # The kernel tier: no direct I/O, the page cache keeps the pages (kernel_tier.py).
+        self.kernel_tier = local_tier == "kernel"
+        reader = KernelReadPath if self.kernel_tier else ReadPath
+        self.reader = reader(cache, stats, direct_io=direct_io)
+        self.writeback = False  # set by the daemon when the kernel grants its writeback cache
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
         self.remote: RemoteTier | None = None
@@ -134,7 +143,8 @@ class Passthrough(Operations):
         """Lend evicted blocks to `tier` and ask it before the disk."""
         self.remote = tier
         self.reader.remote = tier
-        self.cache.on_evict = self._evicted
+        if not self.kernel_tier:  # the kernel tier lends what it reads from disk instead
+            self.cache.on_evict = self._evicted
 
     def _evicted(self, key: int, data: memoryview) -> None:
         # Under the cache lock, so the file's version is the one `data` belongs to.
@@ -221,6 +231,7 @@ class Passthrough(Operations):
             st.st_mtime_ns,
             st.st_ctime_ns,
         ):
+            state.outside += 1
             self._changed(state, 0, max(state.size, st.st_size), st)
         return state
 
@@ -264,6 +275,10 @@ class Passthrough(Operations):
         h = self._handles.get(req.fh) if req.fh is not None else None
         fd = h.fd if isinstance(h, Handle) else None
         path = _proc(inode.fd)
+        before = os.fstat(inode.fd)
+        # Changes made outside the mount are found before ours are made; after them,
+        # the file's new times are recorded as ours (_ours), not as an outside change.
+        state = self._validate(before) if stat.S_ISREG(before.st_mode) else None
         if req.mode is not None:
             if fd is not None:
                 os.fchmod(fd, stat.S_IMODE(req.mode))
@@ -274,16 +289,25 @@ class Passthrough(Operations):
             gid = -1 if req.gid is None else req.gid
             os.chown(path, uid, gid, follow_symlinks=True)
         if req.size is not None:
-            before = os.fstat(inode.fd)
-            state = self._validate(before)
             if fd is not None:
                 os.ftruncate(fd, req.size)
             else:
                 os.truncate(path, req.size)
-            self._changed(state, req.size, req.size, os.fstat(inode.fd))
+            if state is not None:
+                self._changed(state, req.size, req.size, os.fstat(inode.fd))
         if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
             self._utimens(inode, req)
-        return self.getattr(nodeid, None)
+        st = os.fstat(inode.fd)
+        if state is not None:
+            self._ours(state, st)
+        return st
+
+    def _ours(self, state: FileState, st: os.stat_result) -> None:
+        """Record `st` as the file's stat after a change of our own that left its data
+        alone (times, mode, owner): the next open must not take it for an outside change
+        and drop the file's cached pages or blocks."""
+        with self.cache.lock:
+            state.size, state.mtime_ns, state.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def _utimens(self, inode: Inode, req: SetattrRequest) -> None:
         now = time.time_ns()
@@ -373,7 +397,7 @@ class Passthrough(Operations):
         self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
     ) -> tuple[int, os.stat_result, int, int]:
         p = self._inode(parent)
-        flags &= ~(os.O_DIRECT | os.O_NOCTTY)
+        flags = self._backing_flags(flags) & ~(os.O_DIRECT | os.O_NOCTTY)
         try:
             fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=p.fd)
         except FileExistsError:
@@ -428,10 +452,28 @@ class Passthrough(Operations):
         with self._lock:
             fh = next(self._fhs)
             self._handles[fh] = h
-        return fh, wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
+        if not self.kernel_tier:
+            return fh, wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
+        # Close-to-open: the kernel keeps the file's cached pages across this open only
+        # if nothing changed it outside the mount since it cached them; otherwise it
+        # drops them now (fuse_finish_open). Its own writes went through those pages.
+        if state.outside != state.outside_at_open:
+            state.outside_at_open = state.outside
+            return fh, 0
+        return fh, wire.FOPEN_KEEP_CACHE
+
+    def _backing_flags(self, flags: int) -> int:
+        if self.writeback:
+            # The kernel may read to fill a page it writes only part of, and it places
+            # appends itself (it knows the size of the file: its cache is ahead of ours).
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = flags & ~os.O_ACCMODE | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
         inode = self._inode(nodeid)
+        flags = self._backing_flags(flags)
         fd = os.open(_proc(inode.fd), flags & _REOPEN_MASK)
         try:
             return self._new_handle(fd, inode, os.fstat(fd), flags, nodeid)

@@ -44,6 +44,14 @@ def remote_key(epoch: bytes, file_id: int, version: int, block: int) -> bytes:
     return _REMOTE_KEY.pack(epoch, file_id, version, block)
 
 
+def valid_end(lens: list[int], bs: int) -> int:
+    """Where the data of a request's blocks ends: at the first short block (EOF)."""
+    for i, n in enumerate(lens):
+        if n < bs:
+            return i * bs + n
+    return len(lens) * bs
+
+
 _BIG_POOL = 4  # idle big reply buffers kept (resident) for the next big reads
 
 
@@ -171,13 +179,7 @@ class ReadPath:
             return [out[start:end]] if end > start else []
         if -1 in lens:
             self._fill_misses(fd, state, version, base, first, lens, out, buffered)
-        # The data ends at the first short block (end of file).
-        end = len(lens) * bs
-        for i, n in enumerate(lens):
-            if n < bs:
-                end = i * bs + n
-                break
-        end = min(end, start + size)
+        end = min(valid_end(lens, bs), start + size)
         return [out[start:end]] if end > start else []
 
     def _read_disk(self, fd: int, into: memoryview, offset: int, buffered: bool) -> int:
@@ -246,11 +248,29 @@ class ReadPath:
         out: memoryview,
         buffered: bool,
     ) -> None:
-        bs = self.bs
-        i, count = 0, len(lens)
         fetched: list[tuple[int, int]] = []  # (index in request, valid bytes)
         if self.remote is not None:
             self._ask_remote(state.file_id, version, first, lens, out, fetched)
+        fetched += self._read_runs(fd, first, lens, out, buffered)
+        if not fetched:
+            return
+        bs = self.bs
+        with self.cache.lock:
+            if state.version != version:
+                return  # a write raced with us: serve what we read, cache none of it
+            for k, got in fetched:
+                if got:
+                    self.cache.insert(base | (first + k), out[k * bs : k * bs + got])
+
+    def _read_runs(
+        self, fd: int, first: int, lens: list[int], out: memoryview, buffered: bool
+    ) -> list[tuple[int, int]]:
+        """Read the missing blocks (lens[k] < 0) of a request from the backing store,
+        each run of them as one aligned read; fill in lens; return (index, valid bytes)
+        of each block read."""
+        bs = self.bs
+        i, count = 0, len(lens)
+        fetched: list[tuple[int, int]] = []
         while i < count:
             if lens[i] >= 0:
                 i += 1
@@ -258,7 +278,6 @@ class ReadPath:
             j = i
             while j < count and lens[j] < 0:
                 j += 1
-            # One aligned read for the run of misses i..j-1.
             n = self._read_disk(fd, out[i * bs : j * bs], (first + i) * bs, buffered)
             for k in range(i, j):
                 got = max(0, min(bs, n - (k - i) * bs))
@@ -269,11 +288,4 @@ class ReadPath:
                     lens[k] = 0
                 break
             i = j
-        if not fetched:
-            return
-        with self.cache.lock:
-            if state.version != version:
-                return  # a write raced with us: serve what we read, cache none of it
-            for k, got in fetched:
-                if got:
-                    self.cache.insert(base | (first + k), out[k * bs : k * bs + got])
+        return fetched

@@ -46,6 +46,7 @@ class Session:
         max_write: int = 1 << 20,
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
+        writeback_cache: bool = False,
     ) -> None:
         self.fd = fd
         self.ops = ops
@@ -53,6 +54,7 @@ class Session:
         self.max_write = max_write
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
+        self.writeback_cache = writeback_cache  # asked for; granted or not after INIT
         self.proto_minor = 0
         self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
@@ -121,8 +123,10 @@ class Session:
             | wire.AUTO_INVAL_DATA
             | wire.INIT_EXT
             | wire.DIRECT_IO_ALLOW_MMAP
+            | (wire.WRITEBACK_CACHE if self.writeback_cache else 0)
         )
         granted = offered & wanted
+        self.writeback_cache = bool(granted & wire.WRITEBACK_CACHE)
         self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
         self.proto_minor = min(minor, wire.OUR_MAX_MINOR)
         if not granted & wire.MAX_PAGES:

@@ -1,0 +1,122 @@
+"""The read path when the kernel page cache is memlend's first tier (--local-tier kernel).
+
+The mount then does not use direct I/O: the kernel keeps the hot pages and serves
+their hits itself (about 1 µs, against about 14 µs through memlend's own cache), and
+only its misses reach the daemon. memlend keeps no block of its own: a miss is
+asked of the lenders, and what they do not hold is read from the backing store with
+O_DIRECT (so the backing file system's page cache holds no second copy). Every block
+read from the disk is lent: the kernel does not tell user space what it evicts, but in
+steady state what is read equals what is evicted, so this is the put rate of Puma's
+eviction hook. A block read back from a lender is not sent again (inclusive).
+
+Lent copies are named by the file's version (remote_key), noted before the read: a
+block read while a write raced with it is lent under a version that is already
+dead, so no lender ever serves a stale block. And since nothing else can be on a
+lender, a file none of whose blocks were lent at its current version is not asked
+for: a first read costs no round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from memlend.fs.readpath import ReadPath, remote_key, valid_end
+from memlend.fuse.api import BIG_READ
+
+if TYPE_CHECKING:
+    from memlend.fs.passthrough import FileState
+    from memlend.fs.stream import Stream
+
+_ALPHA = 0.1  # weight of the newest sample in the moving averages
+PROBE_EVERY = 16  # a skipped lender is asked again after this many requests
+
+
+class KernelReadPath(ReadPath):
+    """Serves the kernel's page-cache misses: lenders, then O_DIRECT reads."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # Moving averages, per block, that decide whether a multi-block request (a
+        # stream) asks the lenders: while they are faster than the disk.
+        self.remote_block_seconds = 0.0  # a multi-get's time per block it found
+        self.disk_block_seconds = 0.0  # a disk read's time per block
+        self._skipped = 0
+        self.streams_always = False  # --lender-streams always: no measuring, always ask
+
+    def read(
+        self,
+        fd: int,
+        state: FileState,
+        offset: int,
+        size: int,
+        buffered: bool = False,
+        stream: Stream | None = None,
+    ) -> list[memoryview]:
+        # No clamp to the size last seen: the kernel asks only below its own idea of
+        # the end of file, and a short reply would shrink it (fuse_short_read).
+        if size > self.max_request:
+            size = self.max_request
+        if size <= 0:
+            return []
+        bs, shift = self.bs, self.shift
+        first, last = offset >> shift, (offset + size - 1) >> shift
+        if size <= BIG_READ:
+            try:
+                out = self._local.buf
+            except AttributeError:
+                out = self._new_buffer()
+        else:
+            out = self._big_buffer()
+        count = last - first + 1
+        self.stats.local_misses += count  # every block here missed the page cache
+        version = state.version  # before any read: see the module's docstring
+        lens = [-1] * count
+        remote = self.remote
+        # Lenders can hold a block only if some were lent at this version of the file.
+        if remote is not None and state.lent_version == version:
+            if count == 1:
+                data = remote.get_one(remote_key(self.epoch, state.file_id, version, first))
+                if data is not None and len(data) <= bs:  # longer: not a block of ours
+                    lens[0] = len(data)
+                    out[: len(data)] = data
+            elif self._lenders_faster():
+                t0 = time.monotonic()
+                got: list[tuple[int, int]] = []
+                self._ask_remote(state.file_id, version, first, lens, out, got)
+                if got:
+                    took = (time.monotonic() - t0) / len(got)
+                    self.remote_block_seconds += _ALPHA * (took - self.remote_block_seconds)
+        if -1 in lens:
+            t0 = time.monotonic()
+            read = self._read_runs(fd, first, lens, out, buffered)
+            took = time.monotonic() - t0
+            if remote is not None and read:
+                if count == 1:
+                    remote.disk_read_took(took)
+                self.disk_block_seconds += _ALPHA * (took / len(read) - self.disk_block_seconds)
+                state.lent_version = version
+                for k, n in read:
+                    if n:
+                        key = remote_key(self.epoch, state.file_id, version, first + k)
+                        remote.put(key, out[k * bs : k * bs + n])
+        start = offset - (first << shift)
+        end = min(valid_end(lens, bs), start + size)
+        return [out[start:end]] if end > start else []
+
+    def _lenders_faster(self) -> bool:
+        """Ask the lenders for a stream's request? While a block costs less from them
+        than from the disk, as measured on both (so a 100 MB/s cloud volume streams
+        from lenders, and a local NVMe disk does not wait for them), and on every
+        PROBE_EVERY-th request they would otherwise be skipped for, to measure again."""
+        if (
+            self.streams_always
+            or self.remote_block_seconds <= self.disk_block_seconds
+            or not self.disk_block_seconds
+        ):
+            return True
+        self._skipped += 1
+        if self._skipped >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        return False
