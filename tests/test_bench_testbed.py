@@ -112,10 +112,16 @@ def test_report_renders_ratios_and_errors(tmp_path: Path) -> None:
 
     res = {
         "meta": meta,
-        "rows": [row("pagecache", 100.0), row("lender", 1500.0), row("local", None, "boom")],
+        "rows": [
+            row("pagecache", 100.0),
+            row("kernel-lender", 1500.0),
+            row("kernel", 80.0),
+            row("local", None, "boom"),
+        ],
     }
     md = report_bench.markdown(res)
-    assert "15.00x" in md and "goal met" in md and "error: boom" in md
+    assert "15.00x — goal met" in md and "error: boom" in md
+    assert "0.80x — goal not met" in md  # kernel without a lender: 0.9x wanted
     report_bench.write_report(res, tmp_path)
     assert (tmp_path / "testbed-iops-cloud.png").stat().st_size > 1000
 
@@ -146,11 +152,13 @@ def test_quick_bench_runs_verified_and_cleans_up(tmp_path: Path) -> None:
             assert r["client_memory"] == res["meta"]["client_memory"]
             assert "pinning" in r and r["pinning"]["client"].startswith("cpuset 0")
     # the core of the matrix must really run, not only report errors
-    for c in ("pagecache", "local", "lender"):
+    for c in ("pagecache", "local", "lender", "kernel-lender"):
         for w in workloads.QUICK_WORKLOADS:
             assert cells[(c, w)]["verified"] is True, cells[(c, w)]
             assert cells[(c, w)]["iops"] > 0
+            assert cells[(c, w)]["local_tier"] == run.local_tier(c)
     assert cells[("lender", "randread-uniform-qd1")]["hit_ratio"]["remote"] > 0
+    assert cells[("kernel-lender", "randread-uniform-qd1")]["hit_ratio"]["remote"] > 0
     # the page cache of the data read inside the client group is charged to it
     pc = cells[("pagecache", "hotscan")]
     assert 0 < pc["client_cache_after_warm"] <= res["meta"]["client_memory"]

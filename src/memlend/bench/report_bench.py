@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 MiB = 1 << 20
-ORDER = ("pagecache", "local", "lender", "lenders", "memcached", "ideal")
+ORDER = ("pagecache", "local", "kernel", "lender", "kernel-lender", "lenders", "memcached", "ideal")
 
 
 def _cell(rows: list[dict], config: str, workload: str, disk: str) -> dict | None:
@@ -52,7 +52,9 @@ UNITS = {
     "postmark": "transactions/s",
 }
 TITLES = {
-    "local": "memlend's local cache vs the kernel page cache (same client memory)",
+    "local": "the two local tiers, without lenders, vs the kernel page cache alone "
+    "(same client memory): memlend's own cache (`local`) and the page cache as memlend's "
+    "first tier (`kernel`)",
     "lenders": "memlend with lenders vs memlend local vs the kernel page cache",
 }
 
@@ -120,12 +122,13 @@ def markdown(result: dict) -> str:
     out.append("")
     for disk in disks:
         out += [f"## Disk profile: {disk}", ""]
+        local = tuple(c for c in ("pagecache", "local", "kernel") if c in configs)
         out += _comparison(
-            rows, workloads, disk, "local", ("pagecache", "local"), (("local", "pagecache"),)
+            rows, workloads, disk, "local", local, tuple((c, "pagecache") for c in local[1:])
         )
-        remote = [c for c in ("lender", "lenders", "memcached") if c in configs]
-        shown = [c for c in configs if c in ("pagecache", "local", *remote, "ideal")]
-        ratios = [(c, "pagecache") for c in remote] + [(c, "local") for c in remote[:1]]
+        remote = [c for c in ("lender", "kernel-lender", "lenders", "memcached") if c in configs]
+        shown = [c for c in configs if c in ("pagecache", "local", "kernel", *remote, "ideal")]
+        ratios = [(c, "pagecache") for c in remote]
         out += _comparison(rows, workloads, disk, "lenders", tuple(shown), tuple(ratios))
         out.append(
             "| workload | config | IOPS | MB/s | p50 µs | p99 µs | disk I/Os | hit ratios "
@@ -165,34 +168,43 @@ def markdown(result: dict) -> str:
                 f"{sp.get('oom_kills', '?')} | {sp.get('spike_alive_at_end')} |"
             )
         out.append("")
-    out += _goal(
-        rows,
-        "lender ≥ 10x the page cache, random 4 KiB reads qd1, cloud profile",
-        ("lender", "pagecache", "randread-uniform-qd1", 10.0),  # at least 10x
-    )
-    out += _goal(
-        rows,
-        "memlend's policy beats the kernel on the hot set with scans, cloud profile",
-        ("local", "pagecache", "hotscan", 1.0),  # more than 1x: beats
-    )
+    for config, workload, target in GOALS:
+        out += _goal(rows, config, workload, target)
     out += [f"![IOPS, {d}](testbed-iops-{d}.png)" for d in disks]
     return "\n".join(out) + "\n"
 
 
-def _goal(rows: list[dict], title: str, spec: tuple[str, str, str, float]) -> list[str]:
-    config, base_config, workload, target = spec
-    goal = _cell(rows, config, workload, "cloud")
-    base = _cell(rows, base_config, workload, "cloud")
-    out = [f"## Goal: {title}", ""]
-    if goal and base and goal.get("iops") and base.get("iops"):
-        ratio = goal["iops"] / base["iops"]
-        met = "met" if (ratio >= target if target > 1 else ratio > target) else "not met"
-        out.append(
-            f"Measured: {config} {goal['iops']:,.0f} vs {base_config} {base['iops']:,.0f} "
-            f"({UNITS.get(workload, '4 KiB reads/s')}): **{ratio:.2f}x — goal {met}**."
-        )
-    else:
-        out.append(f"Not measured in this run (needs {config} and {base_config} on {workload}).")
+# (config, workload or None for every workload run, at least this many times the page
+# cache), on the cloud profile: the goals of the kernel tier (the default mode).
+GOALS = (
+    ("kernel-lender", "randread-uniform-qd1", 10.0),
+    ("kernel-lender", "seqread", 5.0),
+    ("kernel-lender", None, 1.0),
+    ("kernel", None, 0.9),
+)
+
+
+def _goal(rows: list[dict], config: str, workload: str | None, target: float) -> list[str]:
+    """One goal's line: `config` at least `target` x the page cache on `workload`, or
+    on every workload the run measured both on (then the worst one decides)."""
+    which = workload or "every workload"
+    out = [f"## Goal: {config} ≥ {target:g}x the page cache, {which}, cloud profile", ""]
+    ws = [workload] if workload else list(dict.fromkeys(r["workload"] for r in rows))
+    ratios = []
+    for w in ws:
+        goal, base = _cell(rows, config, w, "cloud"), _cell(rows, "pagecache", w, "cloud")
+        if goal and base and goal.get("iops") and base.get("iops") and not goal.get("error"):
+            ratios.append((goal["iops"] / base["iops"], w, goal["iops"], base["iops"]))
+    if not ratios:
+        out.append(f"Not measured in this run (needs {config} and pagecache on {which}).")
+        return [*out, ""]
+    ratio, w, got, base_iops = min(ratios)
+    met = "met" if ratio >= target else "not met"
+    out.append(
+        f"Measured{' (worst workload)' if workload is None else ''}: {w}: {config} "
+        f"{got:,.0f} vs pagecache {base_iops:,.0f} ({UNITS.get(w, '4 KiB reads/s')}): "
+        f"**{ratio:.2f}x — goal {met}**."
+    )
     return [*out, ""]
 
 

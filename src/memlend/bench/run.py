@@ -38,9 +38,14 @@ DISKS: dict[str, tuple[int | None, int | None]] = {  # read IOPS, read bytes/s
     "cloud": (1000, 100_000_000),
     "none": (None, None),
 }
-CONFIGS = ("pagecache", "local", "lender", "lenders", "memcached", "ideal")
+# local/lender/lenders/memcached: memlend's own cache as the first tier; kernel and
+# kernel-lender: the kernel page cache as the first tier (--local-tier kernel).
+CONFIGS = (
+    "pagecache", "local", "kernel", "lender", "kernel-lender", "lenders", "memcached", "ideal"
+)  # fmt: skip
+REMOTE_CONFIGS = ("lender", "kernel-lender", "lenders", "memcached")
 PUT_COUNTERS = ("remote_put_blocks", "remote_put_skipped", "remote_dropped_puts")
-QUICK_CONFIGS = ("pagecache", "local", "lender", "ideal")
+QUICK_CONFIGS = ("pagecache", "local", "lender", "kernel-lender", "ideal")
 MAX_WARM_PASSES = 5
 WARM_DROP_OK = 256  # puts a last warm-up pass may drop (of 65,536 blocks per GiB)
 
@@ -115,6 +120,13 @@ def _plan(args: argparse.Namespace) -> Plan:
     return Plan(Path(args.out), disks, mem, ds, works, confs, secs, args.quick, not args.no_netns)
 
 
+def local_tier(config: str) -> str | None:
+    """The mount's --local-tier in a configuration; None where nothing is mounted."""
+    if config in ("pagecache", "ideal"):
+        return None
+    return "kernel" if config.startswith("kernel") else "memlend"
+
+
 def cache_size(client_memory: int) -> int:
     """memlend's --cache-size inside a client of `client_memory`: what is left once the
     daemon's own memory and the workload's processes have room. Measured (the rows'
@@ -146,9 +158,11 @@ class ConfigRun:
         mem = None if c == "ideal" else plan.client_memory
         self.client = bed.group("client", memory=mem, cpu=tb.CLIENT_CPU, blkio=True)
         extra: list[str] = []
-        if c in ("lender", "lenders", "memcached"):
+        if c in REMOTE_CONFIGS:
             extra = self._start_lenders()
-        if c not in ("pagecache", "ideal"):
+        tier = local_tier(c)
+        if tier is not None:
+            extra += ["--local-tier", tier]
             self.mnt, self.daemon = bed.mount(self.client, cache_size(plan.client_memory), extra)
         return self
 
@@ -216,7 +230,7 @@ class ConfigRun:
             # (a page cache holds what came last; it held the database and answered no
             # uniform read of the data set from memory)
             cmds.insert(0, self._warm_db_cmd())
-        remote = bool(self.mnt) and self.config != "local"
+        remote = self.config in REMOTE_CONFIGS
         t0 = time.monotonic()
         s0 = self.stats()
         passes = 0
@@ -327,11 +341,21 @@ class ConfigRun:
             d = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1.get(k), int | float)}
             lh, lm = d.get("local_hits", 0), d.get("local_misses", 0)
             rh = d.get("remote_hits", 0)
-            row["hit_ratio"] = {
-                "local": round(lh / max(1, lh + lm), 4),
-                "remote": round(rh / max(1, lh + lm), 4),
-                "disk": round(d.get("disk_reads", 0) / max(1, lh + lm), 4),
-            }
+            if local_tier(self.config) == "memlend":
+                row["hit_ratio"] = {
+                    "local": round(lh / max(1, lh + lm), 4),
+                    "remote": round(rh / max(1, lh + lm), 4),
+                    "disk": round(d.get("disk_reads", 0) / max(1, lh + lm), 4),
+                }
+            elif work.name != "seqread" and work not in (wl.SQLITE, wl.POSTMARK):
+                # page-cache hits never reach memlend: a 4 KiB fadvise-RANDOM read that
+                # misses is one request of one block to the daemon
+                ios = max(1, res["ios"])
+                row["hit_ratio"] = {
+                    "pagecache": round(max(0.0, 1 - lm / ios), 4),
+                    "remote": round(rh / ios, 4),
+                    "disk": round(d.get("disk_reads", 0) / ios, 4),
+                }
             row["mount_counters"] = {
                 k: d.get(k, 0)
                 for k in (
@@ -535,6 +559,7 @@ def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") ->
 def _base(plan: Plan, config: str, w: str, d: str, where: str) -> dict:
     return {
         "config": config,
+        "local_tier": local_tier(config),
         "workload": w,
         "disk": d,
         "client_memory": plan.client_memory,
@@ -547,9 +572,7 @@ def _base(plan: Plan, config: str, w: str, d: str, where: str) -> dict:
         "hit_ratio": {},
         "pinning": {
             "client": f"cpuset {tb.CLIENT_CPU} (workload and mount daemon)",
-            "lenders": f"cpuset {tb.LENDER_CPU}"
-            if config in ("lender", "lenders", "memcached")
-            else None,
+            "lenders": f"cpuset {tb.LENDER_CPU}" if config in REMOTE_CONFIGS else None,
         },
         "lender_network": where or None,
         "verified": False,
