@@ -207,15 +207,22 @@ class Session:
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
                 fh, offset, size = read_args(buf, _HDR)
+                # Two failures, two meanings: an error from the read is the answer
+                # (ENOENT included: a backing file gone), while ENOENT/ENODEV from
+                # writing the reply mean the kernel no longer waits for it.
                 try:
                     parts = ops_read(nodeid, fh, offset, size)
-                    os.writev(fd, [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts])
+                    iov = [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts]
                 except OSError as e:
-                    if e.errno not in (errno.ENOENT, errno.ENODEV):
-                        self._reply_error(unique, e.errno or errno.EIO)
+                    self._reply_error(unique, e.errno or errno.EIO)
                 except Exception:
                     log.exception("READ failed")
                     self._reply_error(unique, errno.EIO)
+                else:
+                    try:
+                        os.writev(fd, iov)
+                    except OSError as e:
+                        self._reply_failed(unique, e)
                 if size > BIG_READ:  # its reply buffer is free again, also after a failure
                     ops_read_done()
                 continue
@@ -243,22 +250,31 @@ class Session:
                 buf.madvise(mmap.MADV_DONTNEED)  # request done: give its pages back
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
-        size = _OUT.size + sum(len(p) for p in payload)
-        if len(payload) >= _IOV_MAX:
-            # writev() refuses more than IOV_MAX pieces (EINVAL): a READDIR of a big
-            # directory (Linux 6.x asks for up to 128 KiB of entries) has thousands
-            payload = [b"".join(payload)]
         try:
+            size = _OUT.size + sum(len(p) for p in payload)
+            if len(payload) >= _IOV_MAX:
+                # writev() refuses more than IOV_MAX pieces (EINVAL): a READDIR of a big
+                # directory (Linux 6.x asks for up to 128 KiB of entries) has thousands
+                payload = [b"".join(payload)]
             os.writev(self.fd, [_OUT.pack(size, 0, unique), *payload])
         except OSError as e:
-            # ENOENT: the request was interrupted and the kernel gave up on it.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.error("reply to request %d failed: %s", unique, e)
-                # A request never answered blocks its caller for good (not even
-                # SIGKILL frees it): answer it with an error instead.
-                self._reply_error(unique, errno.EIO)
+            self._reply_failed(unique, e)
+        except Exception:  # a handler returned something that is not a reply
+            log.exception("reply to request %d failed", unique)
+            self._reply_error(unique, errno.EIO)
+
+    def _reply_failed(self, unique: int, e: OSError) -> None:
+        # ENOENT: the request was interrupted and the kernel gave up on it; ENODEV:
+        # unmounted. Anything else: the kernel refused the reply and still waits.
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            log.error("reply to request %d failed: %s", unique, e)
+            # A request never answered blocks its caller for good (not even
+            # SIGKILL frees it): answer it with an error instead.
+            self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
+        if not 0 < err < 512:
+            err = errno.EIO  # the kernel refuses (EINVAL) errors outside 1..511
         try:
             os.write(self.fd, _OUT.pack(_OUT.size, -err, unique))
         except OSError as e:
