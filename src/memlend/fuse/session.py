@@ -122,6 +122,8 @@ class Session:
             | wire.INIT_EXT
             | wire.DIRECT_IO_ALLOW_MMAP
         )
+        if type(self.ops).kill_suidgid is not Operations.kill_suidgid:
+            wanted |= wire.HANDLE_KILLPRIV_V2  # the file system clears set-ID bits
         granted = offered & wanted
         self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
         self.proto_minor = min(minor, wire.OUR_MAX_MINOR)
@@ -323,6 +325,7 @@ class Session:
             mtime_ns=mtime * 1_000_000_000 + mtimens if valid & wire.FATTR_MTIME else None,
             atime_now=bool(valid & wire.FATTR_ATIME_NOW),
             mtime_now=bool(valid & wire.FATTR_MTIME_NOW),
+            kill_suidgid=bool(valid & wire.FATTR_KILL_SUIDGID),
         )
         return wire.attr_out(self.ops.setattr(ctx, nodeid, req), self.attr_timeout)
 
@@ -367,18 +370,23 @@ class Session:
         return self._entry(self.ops.link(ctx, oldnode, nodeid, name))
 
     def _open(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        flags, _ = wire.OPEN_IN.unpack_from(body)
+        flags, in_flags = wire.OPEN_IN.unpack_from(body)
+        if in_flags & wire.OPEN_KILL_SUIDGID:  # O_TRUNC (only with FUSE_ATOMIC_O_TRUNC)
+            self.ops.kill_suidgid(ctx, nodeid, None)
         fh, open_flags = self.ops.open(ctx, nodeid, flags)
         return wire.OPEN_OUT.pack(fh, open_flags, 0)
 
     def _create(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        flags, mode, _umask, _ = wire.CREATE_IN.unpack_from(body)
+        flags, mode, _umask, in_flags = wire.CREATE_IN.unpack_from(body)
         (name,) = wire.split_names(body[wire.CREATE_IN.size :], 1)
-        node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags)
+        kill = bool(in_flags & wire.OPEN_KILL_SUIDGID)
+        node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags, kill)
         return self._entry((node, st)) + wire.OPEN_OUT.pack(fh, open_flags, 0)
 
     def _write(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        fh, offset, size, *_ = wire.WRITE_IN.unpack_from(body)
+        fh, offset, size, write_flags, *_ = wire.WRITE_IN.unpack_from(body)
+        if write_flags & wire.WRITE_KILL_SUIDGID:  # before the data, as the kernel does
+            self.ops.kill_suidgid(ctx, nodeid, fh)
         start = wire.WRITE_IN.size
         written = self.ops.write(nodeid, fh, offset, body[start : start + size])
         return wire.WRITE_OUT.pack(written, 0)
