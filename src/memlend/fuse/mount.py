@@ -40,14 +40,15 @@ def is_mountpoint(path: str) -> bool:
 
 
 def mount_type(path: str) -> str | None:
-    """The file-system type of the mount whose mount point is `path`, if any."""
+    """The file-system type of the mount at `path` (the top one), if any."""
     real = os.path.realpath(path)
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
             if fields[4].decode("unicode_escape", "replace") == real:
-                return fields[fields.index(b"-") + 1].decode()
-    return None
+                found = fields[fields.index(b"-") + 1].decode()
+    return found
 
 
 def is_dead_mount(path: str) -> bool:
