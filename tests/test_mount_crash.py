@@ -4,6 +4,7 @@ directory" or "does not exist"."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ def kill9(mount: Mount) -> None:
     assert is_mounted(mount.mnt)
     with pytest.raises(OSError) as e:
         os.statvfs(mount.mnt)
-    assert e.value.errno == 107  # ENOTCONN: what users see
+    # what users see: ENOTCONN, or ECONNABORTED for a request the abort caught
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:
