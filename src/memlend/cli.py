@@ -200,6 +200,7 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
 def cmd_mount(args: argparse.Namespace) -> int:
     from memlend.fs.daemon import mount_warnings, serve
 
+    _remove_dead_mount(args.mountpoint)
     cfg = _mount_config(args)  # refuse bad input here, before any daemon exists
     if args.ready_fd is None:
         for warning in mount_warnings(cfg):
@@ -213,6 +214,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         ready = _print_ready if args.ready_fd is None else _pipe_ready(args.ready_fd)
         return serve(cfg, ready)
     return _spawn_daemon(args)
+
+
+def _remove_dead_mount(mountpoint: str) -> None:
+    """A memlend daemon that died (kill -9, OOM killer) leaves a dead mount behind:
+    remove it, so that mounting again just works."""
+    from memlend.fuse.mount import is_dead_mount, mount_type, unmount_dead
+
+    if not is_dead_mount(mountpoint) or mount_type(mountpoint) != "fuse.memlend":
+        return  # anything else is check_config's to refuse
+    unmount_dead(os.path.realpath(mountpoint))
+    print(
+        f"memlend: warning: {mountpoint} was a dead mount (its daemon was gone): unmounted it",
+        file=sys.stderr,
+    )
 
 
 def _print_ready(error: str | None) -> None:
@@ -262,7 +277,13 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
 def read_stats(mountpoint: str) -> dict:
     """The live counters of the memlend mount at `mountpoint`."""
     from memlend.fs.passthrough import STATS_XATTR
+    from memlend.fuse.mount import is_dead_mount
 
+    dead = UserError(
+        f"{mountpoint}: the memlend daemon is gone (dead mount); run `memlend umount {mountpoint}`"
+    )
+    if is_dead_mount(mountpoint):  # before isdir(), which says no there
+        raise dead
     if not os.path.isdir(mountpoint):
         raise UserError(f"{mountpoint} is not a directory")
     try:
@@ -271,14 +292,23 @@ def read_stats(mountpoint: str) -> dict:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise UserError(f"{mountpoint} is not a memlend mount") from None
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-            raise UserError(f"{mountpoint}: the memlend daemon is gone (use umount)") from None
+            raise dead from None
         raise
     return json.loads(raw)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from memlend.fuse.mount import unmount
+    from memlend.fuse.mount import is_dead_mount, mount_type, unmount, unmount_dead
 
+    if is_dead_mount(args.mountpoint):
+        if mount_type(args.mountpoint) != "fuse.memlend":
+            raise UserError(f"{args.mountpoint} is in a dead mount but is not a memlend mount")
+        unmount_dead(os.path.realpath(args.mountpoint))
+        print(
+            f"memlend: {args.mountpoint}: the daemon was gone; removed the dead mount",
+            file=sys.stderr,
+        )
+        return 0
     pid = read_stats(args.mountpoint)["pid"]
     try:
         unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)

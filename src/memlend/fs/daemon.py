@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from memlend.errors import UserError
 from memlend.fs.cache import BlockCache, NoCache, slots_for
 from memlend.fs.passthrough import Passthrough
-from memlend.fuse.mount import MountError, is_mountpoint, mount, unmount
+from memlend.fuse.mount import MountError, is_dead_mount, is_mountpoint, mount, unmount
 from memlend.fuse.session import Session
 from memlend.remote.client import parse_address
 from memlend.stats import MountStats
@@ -136,6 +136,11 @@ def check_config(cfg: MountConfig) -> MountConfig:
         raise UserError(f"backing directory {cfg.backing} does not exist")
     if not os.path.isdir(backing):
         raise UserError(f"backing path {cfg.backing} is not a directory")
+    if is_dead_mount(mnt):  # os.path.exists() says no there
+        raise UserError(
+            f"mountpoint {cfg.mountpoint} is a dead FUSE mount (its daemon is gone): "
+            "unmount it first"
+        )
     if not os.path.exists(mnt):
         raise UserError(f"mountpoint {cfg.mountpoint} does not exist (create it first)")
     if not os.path.isdir(mnt):

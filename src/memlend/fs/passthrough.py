@@ -284,11 +284,15 @@ class Passthrough(Operations):
                 os.fchmod(fd, stat.S_IMODE(req.mode))
             else:
                 os.chmod(path, stat.S_IMODE(req.mode))
-        if req.uid is not None or req.gid is not None:
-            uid = -1 if req.uid is None else req.uid
-            gid = -1 if req.gid is None else req.gid
-            os.chown(path, uid, gid, follow_symlinks=True)
+        # Under FUSE_HANDLE_KILLPRIV_V2 the kernel turns chown(f, -1, -1) into a SETATTR
+        # asking for nothing, and leaves the set-ID bits it clears to us.
+        asked = (req.mode, req.uid, req.gid, req.size, req.atime_ns, req.mtime_ns)
+        noop = asked == (None,) * 6 and not (req.atime_now or req.mtime_now)
+        if req.uid is not None or req.gid is not None or noop:
+            self._chown(ctx, inode, req, noop)
         if req.size is not None:
+            if req.kill_suidgid:
+                self._kill_suidgid(ctx, path if fd is None else fd)
             if fd is not None:
                 os.ftruncate(fd, req.size)
             else:
@@ -308,6 +312,23 @@ class Passthrough(Operations):
         and drop the file's cached pages or blocks."""
         with self.cache.lock:
             state.size, state.mtime_ns, state.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _chown(self, ctx: Context, inode: Inode, req: SetattrRequest, noop: bool) -> None:
+        path = _proc(inode.fd)
+        before = os.fstat(inode.fd)
+        # chown clears set-ID bits of non-directories (even root's chown). The daemon's
+        # own, as root, clears all but a set-group-ID bit without group-execute.
+        kill = 0
+        if not stat.S_ISDIR(before.st_mode):
+            kill = _setid_to_clear(ctx, before, capable=ctx.uid == 0)
+        if noop and kill and ctx.uid not in (0, before.st_uid):
+            raise OSError(errno.EPERM, "not the owner")  # as for the mode change it implies
+        uid = -1 if req.uid is None else req.uid
+        gid = -1 if req.gid is None else req.gid
+        os.chown(path, uid, gid, follow_symlinks=True)
+        mode = os.fstat(inode.fd).st_mode
+        if mode & kill:
+            os.chmod(path, stat.S_IMODE(mode) & ~kill)
 
     def _utimens(self, inode: Inode, req: SetattrRequest) -> None:
         now = time.time_ns()
@@ -394,7 +415,13 @@ class Passthrough(Operations):
         return self._lookup_at(p, newname)
 
     def create(
-        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        kill_suidgid: bool = False,
     ) -> tuple[int, os.stat_result, int, int]:
         p = self._inode(parent)
         flags = self._backing_flags(flags) & ~(os.O_DIRECT | os.O_NOCTTY)
@@ -406,6 +433,8 @@ class Passthrough(Operations):
             # Created behind the kernel's back meanwhile: open it, it is not ours to chown.
             fd = os.open(name, flags & ~os.O_CREAT, dir_fd=p.fd)
             try:
+                if kill_suidgid:  # O_TRUNC truncated it
+                    self._kill_suidgid(ctx, fd)
                 nodeid, st = self._lookup_at(p, name)
             except OSError:
                 os.close(fd)
@@ -497,6 +526,18 @@ class Passthrough(Operations):
 
     def read_done(self) -> None:
         self.reader.read_done()
+
+    def kill_suidgid(self, ctx: Context, nodeid: int, fh: int | None) -> None:
+        h = self._handles.get(fh) if fh is not None else None
+        self._kill_suidgid(ctx, h.fd if isinstance(h, Handle) else _proc(self._inode(nodeid).fd))
+
+    def _kill_suidgid(self, ctx: Context, target: int | str) -> None:
+        # The kernel asks only for callers without CAP_FSETID. The daemon writes as
+        # root (CAP_FSETID), so its own writes clear nothing: clear the bits here.
+        st = os.stat(target)
+        kill = _setid_to_clear(ctx, st, capable=False) if stat.S_ISREG(st.st_mode) else 0
+        if kill:
+            os.chmod(target, stat.S_IMODE(st.st_mode) & ~kill)
 
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         h = self._handle(fh)
@@ -602,6 +643,32 @@ class Passthrough(Operations):
             if isinstance(h, Handle) and h.direct_fd >= 0 and h.direct_fd != h.fd:
                 os.close(h.direct_fd)
         self._handles.clear()
+
+
+def _setid_to_clear(ctx: Context, st: os.stat_result, capable: bool) -> int:
+    """The set-ID bits a local file system clears when `ctx` writes, truncates or
+    chowns the file (the kernel's setattr_should_drop_suidgid() and _sgid()):
+    set-user-ID always; set-group-ID if group-executable, or if the caller is neither
+    in the file's group nor `capable` (CAP_FSETID)."""
+    mode = st.st_mode
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not (capable or _in_group(ctx, st.st_gid))):
+        kill |= stat.S_ISGID
+    return kill
+
+
+def _in_group(ctx: Context, gid: int) -> bool:
+    """Is `gid` the caller's file-system group or one of its supplementary groups?"""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass  # the caller is gone (or pid 0): say no, clearing the bit is the safe side
+    return False
 
 
 def _dtype(e: os.DirEntry[str]) -> int:

@@ -30,7 +30,10 @@ class Context(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SetattrRequest:
-    """A setattr call; fields are None when the kernel did not ask to change them."""
+    """A setattr call; fields are None when the kernel did not ask to change them.
+
+    Under FUSE_HANDLE_KILLPRIV_V2 the file system clears set-ID bits on chown and
+    truncate itself, and a request that asks for nothing is a chown(f, -1, -1)."""
 
     fh: int | None
     mode: int | None
@@ -41,6 +44,8 @@ class SetattrRequest:
     mtime_ns: int | None
     atime_now: bool
     mtime_now: bool
+    # FATTR_KILL_SUIDGID: clear set-ID bits as a truncate (or chown) by ctx would
+    kill_suidgid: bool = False
 
 
 class DirEntry(NamedTuple):
@@ -114,9 +119,17 @@ class Operations:
         raise _nosys()
 
     def create(
-        self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
+        self,
+        ctx: Context,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        kill_suidgid: bool = False,
     ) -> tuple[int, os.stat_result, int, int]:
-        """Return (nodeid, stat, fh, FOPEN_* flags)."""
+        """Return (nodeid, stat, fh, FOPEN_* flags). `kill_suidgid`: if the file
+        exists already and O_TRUNC truncates it, clear its set-ID bits as
+        kill_suidgid() does."""
         raise _nosys()
 
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> Sequence[bytes | memoryview]:
@@ -128,6 +141,15 @@ class Operations:
 
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         raise _nosys()
+
+    def kill_suidgid(self, ctx: Context, nodeid: int, fh: int | None) -> None:
+        """A write or truncation by `ctx`, who lacks CAP_FSETID, is about to change
+        this file (FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID): clear its
+        set-user-ID bit, and its set-group-ID bit, as a local file system would. The
+        session negotiates FUSE_HANDLE_KILLPRIV_V2 only with a file system that
+        overrides this (which must then also clear them in setattr: SetattrRequest);
+        without it the kernel clears the bits of a truncated or chowned file itself
+        (with a SETATTR of the mode), but never those of a written one."""
 
     def flush(self, nodeid: int, fh: int) -> None:
         pass

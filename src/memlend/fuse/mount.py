@@ -39,6 +39,41 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
+def mount_type(path: str) -> str | None:
+    """The file-system type of the mount at `path` (the top one), if any."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if fields[4].decode("unicode_escape", "replace") == real:
+                found = fields[fields.index(b"-") + 1].decode()
+    return found
+
+
+def is_dead_mount(path: str) -> bool:
+    """True if `path` is in a FUSE mount whose daemon is gone (a dead mount).
+
+    statfs, because the kernel always asks the daemon for it: a stat may still be
+    answered from cached attributes for a moment after the daemon died."""
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def unmount_dead(mountpoint: str) -> None:
+    """Remove the dead mount at `mountpoint`: detached lazily if files are still
+    open in it (they only get ENOTCONN now). OSError if it cannot be done."""
+    try:
+        unmount(mountpoint)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        unmount(mountpoint, lazy=True)
+
+
 def _user_allow_other() -> bool:
     try:
         with open("/etc/fuse.conf") as f:

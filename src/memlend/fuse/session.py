@@ -125,6 +125,8 @@ class Session:
             | wire.DIRECT_IO_ALLOW_MMAP
             | (wire.WRITEBACK_CACHE if self.writeback_cache else 0)
         )
+        if type(self.ops).kill_suidgid is not Operations.kill_suidgid:
+            wanted |= wire.HANDLE_KILLPRIV_V2  # the file system clears set-ID bits
         granted = offered & wanted
         self.writeback_cache = bool(granted & wire.WRITEBACK_CACHE)
         self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
@@ -211,15 +213,22 @@ class Session:
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
                 fh, offset, size = read_args(buf, _HDR)
+                # Two failures, two meanings: an error from the read is the answer
+                # (ENOENT included: a backing file gone), while ENOENT/ENODEV from
+                # writing the reply mean the kernel no longer waits for it.
                 try:
                     parts = ops_read(nodeid, fh, offset, size)
-                    os.writev(fd, [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts])
+                    iov = [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts]
                 except OSError as e:
-                    if e.errno not in (errno.ENOENT, errno.ENODEV):
-                        self._reply_error(unique, e.errno or errno.EIO)
+                    self._reply_error(unique, e.errno or errno.EIO)
                 except Exception:
                     log.exception("READ failed")
                     self._reply_error(unique, errno.EIO)
+                else:
+                    try:
+                        os.writev(fd, iov)
+                    except OSError as e:
+                        self._reply_failed(unique, e)
                 if size > BIG_READ:  # its reply buffer is free again, also after a failure
                     ops_read_done()
                 continue
@@ -247,22 +256,31 @@ class Session:
                 buf.madvise(mmap.MADV_DONTNEED)  # request done: give its pages back
 
     def _reply(self, unique: int, payload: Sequence[bytes | memoryview]) -> None:
-        size = _OUT.size + sum(len(p) for p in payload)
-        if len(payload) >= _IOV_MAX:
-            # writev() refuses more than IOV_MAX pieces (EINVAL): a READDIR of a big
-            # directory (Linux 6.x asks for up to 128 KiB of entries) has thousands
-            payload = [b"".join(payload)]
         try:
+            size = _OUT.size + sum(len(p) for p in payload)
+            if len(payload) >= _IOV_MAX:
+                # writev() refuses more than IOV_MAX pieces (EINVAL): a READDIR of a big
+                # directory (Linux 6.x asks for up to 128 KiB of entries) has thousands
+                payload = [b"".join(payload)]
             os.writev(self.fd, [_OUT.pack(size, 0, unique), *payload])
         except OSError as e:
-            # ENOENT: the request was interrupted and the kernel gave up on it.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.error("reply to request %d failed: %s", unique, e)
-                # A request never answered blocks its caller for good (not even
-                # SIGKILL frees it): answer it with an error instead.
-                self._reply_error(unique, errno.EIO)
+            self._reply_failed(unique, e)
+        except Exception:  # a handler returned something that is not a reply
+            log.exception("reply to request %d failed", unique)
+            self._reply_error(unique, errno.EIO)
+
+    def _reply_failed(self, unique: int, e: OSError) -> None:
+        # ENOENT: the request was interrupted and the kernel gave up on it; ENODEV:
+        # unmounted. Anything else: the kernel refused the reply and still waits.
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            log.error("reply to request %d failed: %s", unique, e)
+            # A request never answered blocks its caller for good (not even
+            # SIGKILL frees it): answer it with an error instead.
+            self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
+        if not 0 < err < 512:
+            err = errno.EIO  # the kernel refuses (EINVAL) errors outside 1..511
         try:
             os.write(self.fd, _OUT.pack(_OUT.size, -err, unique))
         except OSError as e:
@@ -311,6 +329,7 @@ class Session:
             mtime_ns=mtime * 1_000_000_000 + mtimens if valid & wire.FATTR_MTIME else None,
             atime_now=bool(valid & wire.FATTR_ATIME_NOW),
             mtime_now=bool(valid & wire.FATTR_MTIME_NOW),
+            kill_suidgid=bool(valid & wire.FATTR_KILL_SUIDGID),
         )
         return wire.attr_out(self.ops.setattr(ctx, nodeid, req), self.attr_timeout)
 
@@ -355,18 +374,23 @@ class Session:
         return self._entry(self.ops.link(ctx, oldnode, nodeid, name))
 
     def _open(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        flags, _ = wire.OPEN_IN.unpack_from(body)
+        flags, in_flags = wire.OPEN_IN.unpack_from(body)
+        if in_flags & wire.OPEN_KILL_SUIDGID:  # O_TRUNC (only with FUSE_ATOMIC_O_TRUNC)
+            self.ops.kill_suidgid(ctx, nodeid, None)
         fh, open_flags = self.ops.open(ctx, nodeid, flags)
         return wire.OPEN_OUT.pack(fh, open_flags, 0)
 
     def _create(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        flags, mode, _umask, _ = wire.CREATE_IN.unpack_from(body)
+        flags, mode, _umask, in_flags = wire.CREATE_IN.unpack_from(body)
         (name,) = wire.split_names(body[wire.CREATE_IN.size :], 1)
-        node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags)
+        kill = bool(in_flags & wire.OPEN_KILL_SUIDGID)
+        node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags, kill)
         return self._entry((node, st)) + wire.OPEN_OUT.pack(fh, open_flags, 0)
 
     def _write(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
-        fh, offset, size, *_ = wire.WRITE_IN.unpack_from(body)
+        fh, offset, size, write_flags, *_ = wire.WRITE_IN.unpack_from(body)
+        if write_flags & wire.WRITE_KILL_SUIDGID:  # before the data, as the kernel does
+            self.ops.kill_suidgid(ctx, nodeid, fh)
         start = wire.WRITE_IN.size
         written = self.ops.write(nodeid, fh, offset, body[start : start + size])
         return wire.WRITE_OUT.pack(written, 0)

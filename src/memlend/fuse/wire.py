@@ -82,6 +82,7 @@ ASYNC_DIO = 1 << 15
 WRITEBACK_CACHE = 1 << 16
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
+HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_EXT = 1 << 30
 DIRECT_IO_ALLOW_MMAP = 1 << 36
 
@@ -101,6 +102,12 @@ FATTR_FH = 1 << 6
 FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
 FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+# fuse_write_in.write_flags
+WRITE_KILL_SUIDGID = 1 << 2
+# fuse_open_in.open_flags, fuse_create_in.open_flags
+OPEN_KILL_SUIDGID = 1 << 0
 
 # fuse_getattr_in.getattr_flags
 GETATTR_FH = 1 << 0
