@@ -70,6 +70,7 @@ class FileState:
     mtime_ns: int
     ctime_ns: int
     version: int = 0  # bumped on every change; readers insert only if unchanged
+    key: tuple[int, int] = (0, 0)  # (st_dev, st_ino): its entry in Passthrough._files
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class Passthrough(Operations):
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
         self._by_file_id: dict[int, FileState] = {}
+        self._orphans: list[int] = []  # file ids whose last block left, inode forgotten
         self._handles: dict[int, Handle | DirHandle] = {}
         self._ids = itertools.count(wire.ROOT_ID + 1)
         self._fhs = itertools.count(1)
@@ -127,6 +129,7 @@ class Passthrough(Operations):
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
         self.remote: RemoteTier | None = None
+        cache.on_file_gone = self._file_gone
 
     # ---- the remote tier ----------------------------------------------------
 
@@ -189,20 +192,30 @@ class Passthrough(Operations):
                 return
             del self._inodes[nodeid]
             del self._by_key[inode.key]
-            self._prune_file_states()
+            state = self._files.get(inode.key)
+            if state is not None:
+                self._drop_if_unused(state)
+            while self._orphans:
+                state = self._by_file_id.get(self._orphans.pop())
+                if state is not None:
+                    self._drop_if_unused(state)
         os.close(inode.fd)
 
-    def _prune_file_states(self) -> None:
+    def _file_gone(self, file_id: int) -> None:
+        # The cache's last block of file_id left (cache lock held, so no lock of ours:
+        # forget() drops the state if the kernel forgot the file). O(1), not O(files).
+        state = self._by_file_id.get(file_id)
+        if state is not None and state.key not in self._by_key:
+            self._orphans.append(file_id)
+
+    def _drop_if_unused(self, state: FileState) -> None:
         # A file's state outlives its inode while the cache holds its blocks, so a
-        # file the kernel forgot keeps its cached data. Drop the rest, amortised.
-        if len(self._files) <= 2 * self.cache.slots + 1024:
+        # file the kernel forgot keeps its cached data; once both are gone, so is it.
+        if state.key in self._by_key or self.cache.resident(state.file_id):
             return
-        for key in [
-            k
-            for k, s in self._files.items()
-            if k not in self._by_key and not self.cache.resident(s.file_id)
-        ]:
-            self._by_file_id.pop(self._files.pop(key).file_id, None)
+        if self._files.get(state.key) is state:
+            del self._files[state.key]
+        self._by_file_id.pop(state.file_id, None)
 
     # ---- cache consistency -----------------------------------------------
 
@@ -212,7 +225,9 @@ class Passthrough(Operations):
         with self._lock:
             state = self._files.get(key)
             if state is None:
-                state = FileState(next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                state = FileState(
+                    next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns, key=key
+                )
                 self._files[key] = state
                 self._by_file_id[state.file_id] = state
                 return state
