@@ -1,8 +1,9 @@
 """The passthrough file system: mirrors a backing directory, reads through the cache.
 
-Every inode the kernel knows is held as an O_PATH descriptor of the backing
-inode (as libfuse's passthrough_ll does), so renames and hard links need no
-path bookkeeping, and operations use *at() calls or /proc/self/fd/N paths.
+Every inode the kernel knows is identified by the backing inode's file handle,
+with a bounded cache of O_PATH descriptors reopened by handle (fs/inodes.py), so
+renames and hard links need no path bookkeeping, operations use *at() calls or
+/proc/self/fd/N paths, and the daemon holds no descriptor per known inode.
 
 Data path: reads are served by fs/readpath.py (cache, then backing store with
 O_DIRECT); writes go straight to the backing file (write-through) and drop the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
+from memlend.fs.inodes import Inode, PathFds, default_capacity
 from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
 from memlend.fuse import wire
@@ -74,13 +76,6 @@ class FileState:
 
 
 @dataclass(slots=True)
-class Inode:
-    fd: int  # O_PATH descriptor of the backing inode
-    key: tuple[int, int]  # (st_dev, st_ino)
-    nlookup: int = 1
-
-
-@dataclass(slots=True)
 class Handle:
     fd: int  # the backing file opened with the caller's flags
     inode: Inode
@@ -105,6 +100,7 @@ class Passthrough(Operations):
         stats: MountStats,
         *,
         direct_io: bool = True,
+        path_fds: int = 0,  # O_PATH descriptors kept open; 0: sized from the fd limit
     ) -> None:
         self.backing = backing
         self.cache = cache
@@ -113,7 +109,10 @@ class Passthrough(Operations):
         self.shift = self.bs.bit_length() - 1
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
-        self._root = Inode(root_fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
+        self._root = Inode(
+            (st.st_dev, st.st_ino), None, root_fd, None, path_fd=root_fd, nlookup=1 << 62
+        )
+        self._fds = PathFds(root_fd, path_fds or default_capacity(), self._stale_fd)
         self._inodes: dict[int, Inode] = {wire.ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
@@ -159,14 +158,27 @@ class Passthrough(Operations):
         key = (st.st_dev, st.st_ino)
         with self._lock:
             nodeid = self._by_key.get(key)
-            if nodeid is not None:
-                self._inodes[nodeid].nlookup += 1
-                os.close(fd)
+            if nodeid is None:
+                state = self._files.get(key)
+                if state is not None:
+                    key = state.key  # one key tuple per file, not two: memory per inode
+                nodeid = next(self._ids)
+                self._inodes[nodeid] = self._fds.identify(key, fd)
+                self._by_key[key] = nodeid
                 return nodeid
-            nodeid = next(self._ids)
-            self._inodes[nodeid] = Inode(fd, key)
-            self._by_key[key] = nodeid
-            return nodeid
+            inode = self._inodes[nodeid]
+            inode.nlookup += 1
+        self._fds.adopt(inode, fd)  # saves a reopen if its descriptor was evicted
+        return nodeid
+
+    def _stale_fd(self, inode: Inode) -> int:
+        """An O_PATH descriptor of a deleted inode (its handle is stale), taken from a
+        file of it still open; ENOENT if none is."""
+        with self._lock:  # held: release() cannot close h.fd meanwhile
+            for h in self._handles.values():
+                if isinstance(h, Handle) and h.inode is inode:
+                    return os.open(_proc(h.fd), os.O_PATH | os.O_CLOEXEC)
+        raise OSError(errno.ENOENT, "deleted")
 
     def _lookup_at(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
@@ -199,7 +211,7 @@ class Passthrough(Operations):
                 state = self._by_file_id.get(self._orphans.pop())
                 if state is not None:
                     self._drop_if_unused(state)
-        os.close(inode.fd)
+        self._fds.drop(inode)
 
     def _file_gone(self, file_id: int) -> None:
         # The cache's last block of file_id left (cache lock held, so no lock of ours:
@@ -269,7 +281,9 @@ class Passthrough(Operations):
     # ---- attributes -------------------------------------------------------
 
     def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
-        st = os.fstat(self._inode(nodeid).fd)
+        # fstat(2) of an open file names it: its descriptor works even once unlinked.
+        h = self._handles.get(fh) if fh is not None else None
+        st = os.fstat(h.fd if h is not None else self._inode(nodeid).fd)
         if stat.S_ISREG(st.st_mode):
             self._validate(st)
         return st
