@@ -272,3 +272,47 @@ def test_an_unlinked_open_file_works_when_its_handle_is_stale(
     with pytest.raises(FileNotFoundError):
         fs.getattr(gone, None)
     fs.release(node, fh)
+
+
+def test_over_max_inodes_the_kernel_is_asked_to_forget_the_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memlend.fs import passthrough as pt
+
+    monkeypatch.setattr(pt, "_PRUNE_EVERY", 8)
+    backing = tmp_path / "b"
+    backing.mkdir()
+    make_files(backing, 1000)
+    fs = pt.Passthrough(
+        str(backing), BlockCache(1 << 20, 4096, "lru", MountStats()), MountStats(), max_inodes=100
+    )
+    asked: list[list[int]] = []
+    fs.on_too_many = asked.append
+    busy: set[int] = set()  # inodes the kernel keeps (in use): it ignores the request
+    for i in range(1000):
+        node = fs.lookup(CTX, wire.ROOT_ID, b"f%d" % i)[0]
+        if i < 5:
+            busy.add(node)
+        while asked:  # the kernel answers with FORGETs
+            for n in asked.pop():
+                assert n != wire.ROOT_ID
+                if n not in busy:
+                    fs.forget(n, 1)
+        assert len(fs._inodes) <= 100 + 2 * 8, i
+    assert busy <= fs._inodes.keys()
+    assert len(fs._files) <= 100 + 2 * 8  # their file states went with them
+    # A forgotten name is looked up again as a new inode, and works.
+    node = fs.lookup(CTX, wire.ROOT_ID, b"f500")[0]
+    assert fs.getattr(node, None).st_size == 3
+
+
+def test_no_pruning_below_max_inodes(tmp_path: Path) -> None:
+    backing = tmp_path / "b"
+    backing.mkdir()
+    make_files(backing, 2000)
+    fs = passthrough(backing)
+    asked: list[list[int]] = []
+    fs.on_too_many = asked.append
+    for i in range(2000):
+        fs.lookup(CTX, wire.ROOT_ID, b"f%d" % i)
+    assert asked == [] and len(fs._inodes) == 2001

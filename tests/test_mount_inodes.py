@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MEMLEND, Mount, _wait_gone, force_unmount, memlend
+from memlend.fs.passthrough import MAX_INODES
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root"),
@@ -102,6 +103,12 @@ def test_thirty_thousand_files_under_a_descriptor_limit_of_1024(
                 seen += 1
     assert seen == n
     fds.append(daemon_fds(m))
+    # Past MAX_INODES the daemon asks the kernel to forget the oldest (it answers with
+    # FORGETs, a little later): the inode table stays bounded, not one entry per file.
+    deadline = time.monotonic() + 5
+    while m.stats()["inodes"] > MAX_INODES + 1024 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.stats()["inodes"] <= MAX_INODES + 1024
 
     for i in range(n):
         with open(m.mnt / name(i), "rb", buffering=0) as f:
@@ -120,6 +127,7 @@ def test_thirty_thousand_files_under_a_descriptor_limit_of_1024(
 
     # 256 cached descriptors (a quarter of the limit), pins, open files, the rest.
     assert max(fds) < 400, f"daemon descriptors after each phase: {fds}"
+    assert m.stats()["inode_reopens"] > 0  # evicted descriptors were reopened by handle
     hwm = peak_rss(m)
     assert hwm <= 64 * MiB + 64 * MiB, f"daemon peak RSS {hwm / MiB:.0f} MiB"
 
