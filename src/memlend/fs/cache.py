@@ -47,6 +47,8 @@ class BlockCache:
         # Called (key, data) with the lock held for each clean block evicted: the
         # remote tier's hook. It must copy `data` (the slot is reused at once).
         self.on_evict: Callable[[int, memoryview], None] | None = None
+        # Called (file_id) with the lock held when a file's last resident block goes.
+        self.on_file_gone: Callable[[int], None] | None = None
         stats.slots = nslots
 
     @property
@@ -139,6 +141,8 @@ class BlockCache:
             self._per_file[fid] = left
         else:
             del self._per_file[fid]
+            if self.on_file_gone is not None:
+                self.on_file_gone(fid)
 
     def drop_range(self, file_id: int, first: int, last: int) -> int:
         """Drop the cached blocks first..last (inclusive) of `file_id`; return how many."""
@@ -174,6 +178,7 @@ class NoCache:
         self.block_size = block_size
         self.lock = threading.Lock()  # orders file-version changes, as BlockCache's does
         self.on_evict: Callable[[int, memoryview], None] | None = None
+        self.on_file_gone: Callable[[int], None] | None = None  # never called: no blocks
         stats.slots = 0
 
     def resident(self, file_id: int) -> int:

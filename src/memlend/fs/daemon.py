@@ -216,6 +216,17 @@ class _Notifier:
             self._session.notify_inval_inode(self._q.get())
 
 
+def _prune_later(session: Session) -> Callable[[list[int]], None]:
+    """Asks the kernel to forget inodes from a thread of its own, as _Notifier does:
+    the kernel evicts them meanwhile, which must not wait for the asking worker."""
+
+    def prune(nodeids: list[int]) -> None:
+        threading.Thread(target=session.notify_prune, args=(nodeids,), name="prune",
+                         daemon=True).start()  # fmt: skip
+
+    return prune
+
+
 def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted. Calls ready(None) once usable, ready(msg) on failure."""
     try:
@@ -297,6 +308,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         stats.mmap_allowed = kernel_tier or session.mmap_allowed
         fs.writeback = stats.writeback_cache = session.writeback_cache
         fs.on_outside_change = _Notifier(session)
+        fs.on_too_many = _prune_later(session)
         session.start()
         if kernel_tier:
             log.info("mounted %s on %s: the kernel page cache is the local tier%s",

@@ -1,8 +1,9 @@
 """The passthrough file system: mirrors a backing directory, reads through the cache.
 
-Every inode the kernel knows is held as an O_PATH descriptor of the backing
-inode (as libfuse's passthrough_ll does), so renames and hard links need no
-path bookkeeping, and operations use *at() calls or /proc/self/fd/N paths.
+Every inode the kernel knows is identified by the backing inode's file handle,
+with a bounded cache of O_PATH descriptors reopened by handle (fs/inodes.py), so
+renames and hard links need no path bookkeeping, operations use *at() calls or
+/proc/self/fd/N paths, and the daemon holds no descriptor per known inode.
 
 Data path: reads are served by fs/readpath.py (cache, then backing store with
 O_DIRECT); writes go straight to the backing file (write-through) and drop the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache, NoCache
+from memlend.fs.inodes import Inode, PathFds, default_capacity
 from memlend.fs.kernel_tier import KernelReadPath
 from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
@@ -45,6 +47,11 @@ STATS_XATTR = b"user.memlend.stats"
 # Flags that make no sense (or harm) when reopening the backing inode.
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT)
 _BIG_RANGE = 1 << 16  # above this many blocks, re-key a file instead of dropping one by one
+# Known inodes beyond which the kernel is asked to forget the oldest: each costs about
+# 950 bytes of resident memory (measured), so 16,384 take ~15 MiB of the 64 MiB the
+# daemon may use beyond its cache.
+MAX_INODES = 16_384
+_PRUNE_EVERY = 512  # while over: every 512 new inodes, ask it to forget the 1,024 oldest
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
@@ -74,13 +81,7 @@ class FileState:
     outside: int = 0  # changes found made outside the mount
     outside_at_open: int = 0  # `outside` when the kernel last opened it with its pages
     lent_version: int = -1  # the kernel tier: last version some blocks were lent under
-
-
-@dataclass(slots=True)
-class Inode:
-    fd: int  # O_PATH descriptor of the backing inode
-    key: tuple[int, int]  # (st_dev, st_ino)
-    nlookup: int = 1
+    key: tuple[int, int] = (0, 0)  # (st_dev, st_ino): its entry in Passthrough._files
 
 
 @dataclass(slots=True)
@@ -109,6 +110,8 @@ class Passthrough(Operations):
         *,
         direct_io: bool = True,
         local_tier: str = "memlend",
+        path_fds: int = 0,  # O_PATH descriptors kept open; 0: sized from the fd limit
+        max_inodes: int = MAX_INODES,
     ) -> None:
         self.backing = backing
         self.cache = cache
@@ -117,11 +120,15 @@ class Passthrough(Operations):
         self.shift = self.bs.bit_length() - 1
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY)
         st = os.fstat(root_fd)
-        self._root = Inode(root_fd, (st.st_dev, st.st_ino), nlookup=1 << 62)
+        self._root = Inode(
+            (st.st_dev, st.st_ino), None, root_fd, None, path_fd=root_fd, nlookup=1 << 62
+        )
+        self._fds = PathFds(root_fd, path_fds or default_capacity(), self._stale_fd)
         self._inodes: dict[int, Inode] = {wire.ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
         self._by_file_id: dict[int, FileState] = {}
+        self._orphans: list[int] = []  # file ids whose last block left, inode forgotten
         self._handles: dict[int, Handle | DirHandle] = {}
         self._ids = itertools.count(wire.ROOT_ID + 1)
         self._fhs = itertools.count(1)
@@ -135,7 +142,11 @@ class Passthrough(Operations):
         self.writeback = False  # set by the daemon when the kernel grants its writeback cache
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
+        # Set by the daemon: called (nodeids) to ask the kernel to forget these inodes.
+        self.on_too_many: Callable[[list[int]], None] | None = None
+        self.max_inodes = max_inodes
         self.remote: RemoteTier | None = None
+        cache.on_file_gone = self._file_gone
 
     # ---- the remote tier ----------------------------------------------------
 
@@ -166,14 +177,45 @@ class Passthrough(Operations):
         key = (st.st_dev, st.st_ino)
         with self._lock:
             nodeid = self._by_key.get(key)
-            if nodeid is not None:
-                self._inodes[nodeid].nlookup += 1
-                os.close(fd)
-                return nodeid
-            nodeid = next(self._ids)
-            self._inodes[nodeid] = Inode(fd, key)
-            self._by_key[key] = nodeid
-            return nodeid
+            if nodeid is None:
+                state = self._files.get(key)
+                if state is not None:
+                    key = state.key  # one key tuple per file, not two: memory per inode
+                nodeid = next(self._ids)
+                self._inodes[nodeid] = self._fds.identify(key, fd)
+                self._by_key[key] = nodeid
+                oldest = self._oldest(nodeid)
+            else:
+                inode = self._inodes[nodeid]
+                inode.nlookup += 1
+                oldest = None
+        if oldest is None:
+            self._fds.adopt(inode, fd)  # saves a reopen if its descriptor was evicted
+        elif oldest and self.on_too_many is not None:
+            self.on_too_many(oldest)
+        return nodeid
+
+    def _oldest(self, nodeid: int) -> list[int]:
+        """Over max_inodes, at every _PRUNE_EVERY-th new inode: the nodeids known the
+        longest, for the kernel to forget (lock held). They move to the young end, so
+        those it keeps (in use) are not asked for again at once. Oldest, not least
+        recently used: no bookkeeping on every request for a bound rarely reached."""
+        if len(self._inodes) <= self.max_inodes or nodeid % _PRUNE_EVERY:
+            return []
+        old = itertools.islice((n for n in self._inodes if n != wire.ROOT_ID), 2 * _PRUNE_EVERY)
+        ids = list(old)
+        for n in ids:
+            self._inodes[n] = self._inodes.pop(n)
+        return ids
+
+    def _stale_fd(self, inode: Inode) -> int:
+        """An O_PATH descriptor of a deleted inode (its handle is stale), taken from a
+        file of it still open; ENOENT if none is."""
+        with self._lock:  # held: release() cannot close h.fd meanwhile
+            for h in self._handles.values():
+                if isinstance(h, Handle) and h.inode is inode:
+                    return os.open(_proc(h.fd), os.O_PATH | os.O_CLOEXEC)
+        raise OSError(errno.ENOENT, "deleted")
 
     def _lookup_at(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
@@ -199,20 +241,30 @@ class Passthrough(Operations):
                 return
             del self._inodes[nodeid]
             del self._by_key[inode.key]
-            self._prune_file_states()
-        os.close(inode.fd)
+            state = self._files.get(inode.key)
+            if state is not None:
+                self._drop_if_unused(state)
+            while self._orphans:
+                state = self._by_file_id.get(self._orphans.pop())
+                if state is not None:
+                    self._drop_if_unused(state)
+        self._fds.drop(inode)
 
-    def _prune_file_states(self) -> None:
+    def _file_gone(self, file_id: int) -> None:
+        # The cache's last block of file_id left (cache lock held, so no lock of ours:
+        # forget() drops the state if the kernel forgot the file). O(1), not O(files).
+        state = self._by_file_id.get(file_id)
+        if state is not None and state.key not in self._by_key:
+            self._orphans.append(file_id)
+
+    def _drop_if_unused(self, state: FileState) -> None:
         # A file's state outlives its inode while the cache holds its blocks, so a
-        # file the kernel forgot keeps its cached data. Drop the rest, amortised.
-        if len(self._files) <= 2 * self.cache.slots + 1024:
+        # file the kernel forgot keeps its cached data; once both are gone, so is it.
+        if state.key in self._by_key or self.cache.resident(state.file_id):
             return
-        for key in [
-            k
-            for k, s in self._files.items()
-            if k not in self._by_key and not self.cache.resident(s.file_id)
-        ]:
-            self._by_file_id.pop(self._files.pop(key).file_id, None)
+        if self._files.get(state.key) is state:
+            del self._files[state.key]
+        self._by_file_id.pop(state.file_id, None)
 
     # ---- cache consistency -----------------------------------------------
 
@@ -222,7 +274,9 @@ class Passthrough(Operations):
         with self._lock:
             state = self._files.get(key)
             if state is None:
-                state = FileState(next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                state = FileState(
+                    next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns, key=key
+                )
                 self._files[key] = state
                 self._by_file_id[state.file_id] = state
                 return state
@@ -265,7 +319,9 @@ class Passthrough(Operations):
     # ---- attributes -------------------------------------------------------
 
     def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
-        st = os.fstat(self._inode(nodeid).fd)
+        # fstat(2) of an open file names it: its descriptor works even once unlinked.
+        h = self._handles.get(fh) if fh is not None else None
+        st = os.fstat(h.fd if h is not None else self._inode(nodeid).fd)
         if stat.S_ISREG(st.st_mode):
             self._validate(st)
         return st
@@ -623,6 +679,8 @@ class Passthrough(Operations):
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
         if nodeid == wire.ROOT_ID and name == STATS_XATTR:
             stats = self.stats.as_dict()
+            stats.update(inodes=len(self._inodes), inode_fds=self._fds.open_count(),
+                         inode_reopens=self._fds.reopened)  # fmt: skip
             if self.remote is not None:
                 stats.update(self.remote.snapshot())
             return json.dumps(stats).encode()

@@ -60,6 +60,7 @@ class Session:
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
         self._workers: list[threading.Thread] = []
         self.closed = threading.Event()  # set when a worker found the mount gone
+        self._prune_ok = True  # cleared if the kernel refuses FUSE_NOTIFY_PRUNE
         self._handlers: dict[int, Callable[..., object]] = {
             Op.LOOKUP: self._lookup,
             Op.FORGET: self._forget,
@@ -174,6 +175,26 @@ class Session:
         except OSError as e:  # ENOENT: the kernel no longer knows it; fine
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.debug("notify_inval_inode(%d): %s", nodeid, e)
+
+    def notify_prune(self, nodeids: Sequence[int]) -> bool:
+        """Ask the kernel to forget `nodeids` (those it is not using): it answers with
+        FORGETs. False if this kernel cannot (older than Linux 6.18)."""
+        if not self._prune_ok:
+            return False
+        body = wire.NOTIFY_PRUNE_OUT.pack(len(nodeids), 0, 0)
+        ids = struct.pack(f"<{len(nodeids)}Q", *nodeids)
+        size = _OUT.size + len(body) + len(ids)
+        try:
+            os.writev(self.fd, [_OUT.pack(size, wire.NOTIFY_PRUNE, 0), body, ids])
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # unknown notification: an older kernel
+                self._prune_ok = False
+                log.warning("this kernel cannot be asked to forget inodes (FUSE_NOTIFY_PRUNE): "
+                            "the inode table grows with what the kernel keeps")  # fmt: skip
+                return False
+            if e.errno != errno.ENODEV:
+                log.debug("notify_prune(%d nodeids): %s", len(nodeids), e)
+        return True
 
     # ---- the loop ---------------------------------------------------------
 

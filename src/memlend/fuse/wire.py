@@ -116,6 +116,7 @@ FSYNC_FDATASYNC = 1 << 0
 
 # Notifications (unsolicited messages: unique = 0, error = code).
 NOTIFY_INVAL_INODE = 2
+NOTIFY_PRUNE = 9  # Linux 6.18 (7.45): forget these nodeids if unused
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
@@ -153,6 +154,7 @@ LSEEK_IN = struct.Struct("<QQII")
 LSEEK_OUT = struct.Struct("<Q")
 DIRENT = struct.Struct("<QQII")  # ino off namelen type, then name padded to 8
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
+NOTIFY_PRUNE_OUT = struct.Struct("<IIQ")  # count pad spare, then count u64 nodeids
 
 
 def encode_dev(dev: int) -> int:
