@@ -377,8 +377,9 @@ class Passthrough(Operations):
         kill = 0
         if not stat.S_ISDIR(before.st_mode):
             kill = _setid_to_clear(ctx, before, capable=ctx.uid == 0)
-        if noop and kill and ctx.uid not in (0, before.st_uid):
-            raise OSError(errno.EPERM, "not the owner")  # as for the mode change it implies
+        # An empty SETATTR is also how a page-cache write (the kernel tier) asks for the
+        # bits to go (file_remove_privs): it must not fail for a non-owner who may write.
+        # So chown(f, -1, -1) by a non-owner clears them too, where ext4 says EPERM.
         uid = -1 if req.uid is None else req.uid
         gid = -1 if req.gid is None else req.gid
         os.chown(path, uid, gid, follow_symlinks=True)
