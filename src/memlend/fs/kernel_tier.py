@@ -22,7 +22,6 @@ import time
 from typing import TYPE_CHECKING
 
 from memlend.fs.readpath import ReadPath, remote_key, valid_end
-from memlend.fuse.api import BIG_READ
 
 if TYPE_CHECKING:
     from memlend.fs.passthrough import FileState
@@ -61,13 +60,7 @@ class KernelReadPath(ReadPath):
             return []
         bs, shift = self.bs, self.shift
         first, last = offset >> shift, (offset + size - 1) >> shift
-        if size <= BIG_READ:
-            try:
-                out = self._local.buf
-            except AttributeError:
-                out = self._new_buffer()
-        else:
-            out = self._big_buffer()
+        out = self.reply_buffer(size)
         count = last - first + 1
         self.stats.local_misses += count  # every block here missed the page cache
         version = state.version  # before any read: see the module's docstring

@@ -105,6 +105,16 @@ class ReadPath:
                 local.big = self._map(self.max_request)
         return memoryview(local.big)
 
+    def reply_buffer(self, size: int) -> memoryview:
+        """This thread's buffer for a reply of `size` bytes (read() inlines this: it is
+        the hot path of every cached read)."""
+        if size <= BIG_READ:
+            try:
+                return self._local.buf
+            except AttributeError:
+                return self._new_buffer()
+        return self._big_buffer()
+
     def read_done(self) -> None:
         """The big reply of this thread's last read is sent: its buffer may be reused."""
         m = getattr(self._local, "big", None)
