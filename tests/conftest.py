@@ -71,6 +71,9 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test on a mount runs in both local tiers, unless marked
     @pytest.mark.tiers("memlend") (or "kernel"): what it checks exists in one only."""
+    own = [m.args[0] for m in metafunc.definition.iter_markers("parametrize")]
+    if any("local_tier" in (a.split(",") if isinstance(a, str) else a) for a in own):
+        return  # the test pairs tiers with its own parameters
     if "local_tier" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("tiers")
         metafunc.parametrize("local_tier", marker.args if marker else ("kernel", "memlend"))

@@ -148,7 +148,13 @@ def read_pass(
 # ---- 1, 2: a second pass served by the lenders -------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["memlend", "memcached", "two-memlend", "memlend-exclusive"])
+@pytest.mark.parametrize(
+    ("kind", "local_tier"),
+    [
+        *((k, t) for k in ("memlend", "memcached", "two-memlend") for t in ("kernel", "memlend")),
+        ("memlend-exclusive", "memlend"),  # the kernel tier refuses exclusive mode
+    ],
+)
 def test_second_pass_is_served_by_the_lenders(
     kind, request, mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
@@ -795,6 +801,7 @@ def _daemons_for(mnt: Path) -> list[int]:
         "short-secret",
         "missing-seal-key",
         "zero-deadline",
+        "exclusive-on-kernel-tier",
     ],
 )
 def test_bad_remote_options_are_one_line_and_leave_nothing(case, tmp_path, seal_key_file):
@@ -818,6 +825,8 @@ def test_bad_remote_options_are_one_line_and_leave_nothing(case, tmp_path, seal_
         "short-secret": ["--lender", lend, "--secret-file", str(tmp_path / "short")],
         "missing-seal-key": ["--lender", lend, "--secret-file", str(good)],
         "zero-deadline": ["--lender", lend, "--secret-file", str(good), "--remote-deadline", "0"],
+        "exclusive-on-kernel-tier": ["--lender", lend, "--secret-file", str(good),
+                                     "--local-tier", "kernel", "--remote-mode", "exclusive"],
     }[case]
     seal = tmp_path / "nope" if case == "missing-seal-key" else seal_key_file
     cmd = [*MEMLEND, "mount", str(backing), str(mnt), "--cache-size", "1M"]

@@ -154,7 +154,8 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         choices=("inclusive", "exclusive"),
         default="inclusive",
         help="inclusive (default): a block read back stays on the lender, and is not sent "
-        "again; exclusive: it is deleted from the lender (docs/remote.md)",
+        "again; exclusive (--local-tier memlend only): it is deleted from the lender "
+        "(docs/remote.md)",
     )
     remote.add_argument(
         "--lender-streams",

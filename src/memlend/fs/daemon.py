@@ -183,6 +183,11 @@ def check_config(cfg: MountConfig) -> MountConfig:
         raise UserError("--lender-streams must be auto or always")
     if cfg.remote_mode not in ("inclusive", "exclusive"):
         raise UserError("--remote-mode must be inclusive or exclusive")
+    if cfg.remote_mode == "exclusive" and cfg.local_tier != "memlend":
+        # The page cache drops pages without telling memlend, so a block deleted from
+        # the lender on a hit would be lost from both tiers at its eviction.
+        raise UserError("--remote-mode exclusive needs --local-tier memlend (the page cache "
+                        "does not say what it drops, so the lender must keep what it serves)")
     if cfg.remote_deadline <= 0:
         raise UserError("--remote-deadline must be positive")
     cfg.backing, cfg.mountpoint = backing, mnt
