@@ -825,8 +825,16 @@ def test_bad_remote_options_are_one_line_and_leave_nothing(case, tmp_path, seal_
         "short-secret": ["--lender", lend, "--secret-file", str(tmp_path / "short")],
         "missing-seal-key": ["--lender", lend, "--secret-file", str(good)],
         "zero-deadline": ["--lender", lend, "--secret-file", str(good), "--remote-deadline", "0"],
-        "exclusive-on-kernel-tier": ["--lender", lend, "--secret-file", str(good),
-                                     "--local-tier", "kernel", "--remote-mode", "exclusive"],
+        "exclusive-on-kernel-tier": [
+            "--lender",
+            lend,
+            "--secret-file",
+            str(good),
+            "--local-tier",
+            "kernel",
+            "--remote-mode",
+            "exclusive",
+        ],
     }[case]
     seal = tmp_path / "nope" if case == "missing-seal-key" else seal_key_file
     cmd = [*MEMLEND, "mount", str(backing), str(mnt), "--cache-size", "1M"]

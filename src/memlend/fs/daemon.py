@@ -186,8 +186,10 @@ def check_config(cfg: MountConfig) -> MountConfig:
     if cfg.remote_mode == "exclusive" and cfg.local_tier != "memlend":
         # The page cache drops pages without telling memlend, so a block deleted from
         # the lender on a hit would be lost from both tiers at its eviction.
-        raise UserError("--remote-mode exclusive needs --local-tier memlend (the page cache "
-                        "does not say what it drops, so the lender must keep what it serves)")
+        raise UserError(
+            "--remote-mode exclusive needs --local-tier memlend (the page cache "
+            "does not say what it drops, so the lender must keep what it serves)"
+        )
     if cfg.remote_deadline <= 0:
         raise UserError("--remote-deadline must be positive")
     cfg.backing, cfg.mountpoint = backing, mnt
