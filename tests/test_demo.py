@@ -27,7 +27,7 @@ def test_demo_prints_the_three_configurations_and_leaves_nothing() -> None:
     finally:
         proc.kill()
     assert proc.returncode == 0, out + err
-    for label in ("pagecache:", "local:", "lender:", "speed-up", "1.00x"):
+    for label in ("pagecache:", "kernel:", "kernel-lender:", "speed-up", "1.00x"):
         assert label in out, out
     assert "NO" not in out and "Traceback" not in err
     assert leftovers(proc.pid) == []

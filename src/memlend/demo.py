@@ -5,9 +5,10 @@ holding the workload and the mount daemon, its disk throttled like a cloud volum
 reads a data set four times its memory at random, 4 KiB at a time, three ways:
 
 * pagecache: what that VM has today, the kernel page cache alone;
-* local: memlend's own cache in the same memory;
-* lender: the same plus a `memlend lend` daemon in a second "VM" (its own cgroup and
-  network namespace) lending the memory the client lacks.
+* kernel: the same files through `memlend mount` in its default mode (the page cache
+  stays the first tier, memlend reads the disk with O_DIRECT), no lender: no slower;
+* kernel-lender: the same plus a `memlend lend` daemon in a second "VM" (its own cgroup
+  and network namespace) lending the memory the client lacks.
 
 Every read is checked by fio (checksums written with the data). Prints the three with
 the speed-up over the page cache; everything is torn down at the end, also on Ctrl-C.
@@ -31,11 +32,11 @@ from memlend.report import human_bytes
 
 MiB = 1 << 20
 WORKLOAD = "randread-uniform-qd1"
-CONFIGS = ("pagecache", "local", "lender")
+CONFIGS = ("pagecache", "kernel", "kernel-lender")  # the mount's default tier: kernel
 WHAT = {
     "pagecache": "kernel page cache alone (what the VM has today)",
-    "local": "memlend's cache, same memory",
-    "lender": "memlend + a lender VM's spare memory",
+    "kernel": "memlend mount, same memory, no lender",
+    "kernel-lender": "memlend mount + a lender VM's spare memory",
 }
 
 
@@ -107,9 +108,10 @@ def run_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
     console.print(_table(result, args.disk))
     console.print(
-        "The page cache and memlend's cache hold the same share of the data (the client's "
-        "memory); the lender holds the rest, so a miss costs a network round trip instead "
-        "of a throttled disk read. `memlend bench` runs the full matrix "
+        "memlend leaves the hot pages in the client's page cache, as without it; the "
+        "lender holds what the page cache drops, so a miss costs a network round trip "
+        "instead of a throttled disk read. `memlend bench` runs the full matrix, also "
+        "memlend's own cache tier (--local-tier memlend) "
         "(docs/benchmarks.md)." + (f" Results: {out}/results.json" if keep else "")
     )
     bad = [r["config"] for r in result["rows"] if not r.get("verified")]
