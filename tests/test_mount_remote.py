@@ -250,6 +250,88 @@ def test_a_sequential_read_reads_the_disk_once(
     assert io <= 1.25 * len(data), f"/proc read_bytes {io} for {len(data)} bytes"
 
 
+@pytest.fixture
+def throttled(request) -> Iterator[Callable[[int], None]]:
+    """throttled(pid): moves a process into a blkio cgroup that caps the backing disk like
+    the testbed's `cloud` volume (100 MB/s, 1000 IOPS); the group is removed at teardown."""
+    from memlend.bench.testbed import Group, disk_of
+
+    dev = disk_of(Path(str(request.getfixturevalue("tmp_path"))))
+    g = Group(f"memlend-test-{os.getpid()}-{threading.get_ident()}", ("blkio",))
+    g.create()
+
+    def enter(pid: int) -> None:
+        g.write("blkio", "blkio.throttle.read_bps_device", f"{dev} {100_000_000}")
+        g.write("blkio", "blkio.throttle.read_iops_device", f"{dev} 1000")
+        g.write("blkio", "cgroup.procs", str(pid))
+
+    try:
+        yield enter
+    finally:
+        for pid in g.pids():  # back to the root group, never killed by this fixture
+            with open("/sys/fs/cgroup/blkio/cgroup.procs", "w") as f:
+                f.write(str(pid))
+        g.remove()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="blkio throttling: root")
+def test_a_first_sequential_read_on_a_throttled_disk_lends_every_block(
+    mount_factory, lender_factory, secret_file, seal_key_file, throttled
+) -> None:
+    """The put path keeps up with a disk read at 100 MB/s: `cat` of a file four times
+    the cache lends every block it read (none dropped), and a second `cat` reads
+    (almost) nothing from the disk."""
+    lender = lender_factory()
+    opts = remote_opts(lender.url, seal=seal_key_file, secret=secret_file)
+    m = mount_factory(*opts)
+    throttled(m.pid)
+    nblocks = 48 * MiB // BS
+    # The prober suspends a lender whose pings average above 2.5 ms, so a CPU-starved
+    # machine may drop puts for its own sake: such a pass is redone on a fresh file.
+    for attempt in range(3):
+        name = f"s{attempt}-0"
+        data = make_files(m.backing, nblocks * BS, 1, seed=20 + attempt, prefix=f"s{attempt}-")[
+            name
+        ]
+        os.sync()
+        all_active(m)
+        s0 = stats(m)
+        fd = os.open(m.mnt / name, os.O_RDONLY)
+        try:
+            drop_pages(fd)
+            got = b"".join(iter(lambda fd=fd: os.read(fd, 128 * KiB), b""))
+        finally:
+            os.close(fd)
+        assert got == data
+        settle(m)
+        s1 = stats(m)
+        p1 = delta(s0, s1)
+        report = f"attempt {attempt}: {p1}, lenders {s1['lenders']}"
+        if sum(ld["suspensions"] for ld in s1["lenders"]) > sum(
+            ld["suspensions"] for ld in s0["lenders"]
+        ):
+            print(report)
+            continue
+        assert p1["remote_dropped_puts"] == 0, report
+        # Every block read was lent, but those memlend's own tier still holds (the
+        # kernel tier holds none: it lends what it reads).
+        assert p1["remote_put_blocks"] + s1["resident_blocks"] >= nblocks, report
+        assert p1["disk_read_bytes"] <= 1.1 * len(data), report
+
+        fd = os.open(m.mnt / name, os.O_RDONLY)
+        try:
+            drop_pages(fd)
+            got = b"".join(iter(lambda fd=fd: os.read(fd, 128 * KiB), b""))
+        finally:
+            os.close(fd)
+        assert got == data
+        p2 = delta(s1, stats(m))
+        assert p2["disk_read_bytes"] <= 0.1 * len(data), f"second cat: {p2}"
+        assert p2["remote_hits"] >= 0.9 * nblocks - s1["resident_blocks"], f"second cat: {p2}"
+        return
+    pytest.fail("a lender was suspended in every attempt: the machine is too loaded")
+
+
 # ---- 3: a lender killed in the middle of a pass, then restarted ---------------------
 
 

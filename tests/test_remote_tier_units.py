@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -232,7 +233,7 @@ def test_exclusive_mode_deletes_what_it_read_and_inclusive_skips_resends(lying_l
         assert s["remote_put_skipped"] == 40 and s["remote_put_blocks"] == 40
 
 
-def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lender) -> None:
+def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lender, caplog) -> None:
     srv, _ = lying_lender()
     url = "memlend://{}:{}".format(*srv.address)
     # A long linger holds the put thread back, so the queue fills deterministically.
@@ -248,6 +249,12 @@ def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lend
         assert tier.snapshot()["remote_queue_hits"] == 4
         assert tier.flush()
         assert tier.snapshot()["remote_put_blocks"] == 4
+        # Dropped puts are said in the log too, at most once per DROP_LOG_EVERY.
+        with caplog.at_level(logging.WARNING, logger="memlend.remote"):
+            tier._log_drops(every=0)
+            tier._log_drops(every=0)  # nothing new dropped: no second line
+        lines = [r.getMessage() for r in caplog.records if "not lent" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith("6 blocks not lent"), lines
     # The bound in bytes (for large blocks), if given, holds too.
     with RemoteTier([url], AUTH, SEAL, queue_bytes=10000, linger=0.5, **LOOSE) as tier:
         for i in range(3):

@@ -161,7 +161,7 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         "--lender-streams",
         choices=("auto", "always"),
         default="auto",
-        help="with --local-tier kernel, whether sequential reads ask the lenders: auto "
+        help="whether sequential reads (read-ahead) ask the lenders: auto "
         "(default) while they deliver a block faster than the disk, as measured; always, "
         "even when the disk is faster (spares a metered disk's IOPS)",
     )

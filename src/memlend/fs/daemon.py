@@ -285,8 +285,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
                 log.warning("lender %s is %s; retrying in the background", lender["url"],
                             lender["state"])  # fmt: skip
         fs.attach_remote(tier)
-        if kernel_tier:  # only its read path asks lenders for streams
-            fs.reader.streams_always = cfg.lender_streams == "always"
+        fs.reader.gate.always = cfg.lender_streams == "always"
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:

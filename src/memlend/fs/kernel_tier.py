@@ -27,21 +27,9 @@ if TYPE_CHECKING:
     from memlend.fs.passthrough import FileState
     from memlend.fs.stream import Stream
 
-_ALPHA = 0.1  # weight of the newest sample in the moving averages
-PROBE_EVERY = 16  # a skipped lender is asked again after this many requests
-
 
 class KernelReadPath(ReadPath):
     """Serves the kernel's page-cache misses: lenders, then O_DIRECT reads."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        # Moving averages, per block, that decide whether a multi-block request (a
-        # stream) asks the lenders: while they are faster than the disk.
-        self.remote_block_seconds = 0.0  # a multi-get's time per block it found
-        self.disk_block_seconds = 0.0  # a disk read's time per block
-        self._skipped = 0
-        self.streams_always = False  # --lender-streams always: no measuring, always ask
 
     def read(
         self,
@@ -73,13 +61,11 @@ class KernelReadPath(ReadPath):
                 if data is not None and len(data) <= bs:  # longer: not a block of ours
                     lens[0] = len(data)
                     out[: len(data)] = data
-            elif self._lenders_faster():
+            elif self.gate.ask():
                 t0 = time.monotonic()
                 got: list[tuple[int, int]] = []
                 self._ask_remote(state.file_id, version, first, lens, out, got)
-                if got:
-                    took = (time.monotonic() - t0) / len(got)
-                    self.remote_block_seconds += _ALPHA * (took - self.remote_block_seconds)
+                self.gate.remote_took(time.monotonic() - t0, len(got))
         if -1 in lens:
             t0 = time.monotonic()
             read = self._read_runs(fd, first, lens, out, buffered)
@@ -87,7 +73,7 @@ class KernelReadPath(ReadPath):
             if remote is not None and read:
                 if count == 1:
                     remote.disk_read_took(took)
-                self.disk_block_seconds += _ALPHA * (took / len(read) - self.disk_block_seconds)
+                self.gate.disk_took(took, len(read))
                 state.lent_version = version
                 for k, n in read:
                     if n:
@@ -96,20 +82,3 @@ class KernelReadPath(ReadPath):
         start = offset - (first << shift)
         end = min(valid_end(lens, bs), start + size)
         return [out[start:end]] if end > start else []
-
-    def _lenders_faster(self) -> bool:
-        """Ask the lenders for a stream's request? While a block costs less from them
-        than from the disk, as measured on both (so a 100 MB/s cloud volume streams
-        from lenders, and a local NVMe disk does not wait for them), and on every
-        PROBE_EVERY-th request they would otherwise be skipped for, to measure again."""
-        if (
-            self.streams_always
-            or self.remote_block_seconds <= self.disk_block_seconds
-            or not self.disk_block_seconds
-        ):
-            return True
-        self._skipped += 1
-        if self._skipped >= PROBE_EVERY:
-            self._skipped = 0
-            return True
-        return False

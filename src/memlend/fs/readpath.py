@@ -24,7 +24,8 @@ import time
 from typing import TYPE_CHECKING
 
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache
-from memlend.fs.stream import STREAM_AFTER, STREAM_MIN, ReadAhead, Stream
+from memlend.fs.stream import STREAM_AFTER, STREAM_MIN, ReadAhead, Stream, Window
+from memlend.fs.stream_gate import StreamGate
 from memlend.fuse.api import BIG_READ
 from memlend.stats import MountStats
 
@@ -63,7 +64,8 @@ class ReadPath:
         self.shift = self.bs.bit_length() - 1
         self.direct_io = direct_io
         self.max_request = 1 << 20
-        self.readahead = ReadAhead(cache, stats, self.max_request)
+        self.readahead = ReadAhead(cache, stats, self.max_request, self._fill_window)
+        self.gate = StreamGate()  # do streams ask the lenders? (measured)
         self.remote: RemoteTier | None = None  # set by the daemon when lenders are given
         self.epoch = os.urandom(8)  # this mount's run: remote keys never outlive it
         self._local = threading.local()
@@ -246,6 +248,23 @@ class ReadPath:
             out[k * bs : k * bs + n] = data
             lens[k] = n
             fetched.append((k, n))
+
+    def _fill_window(self, fd: int, state: FileState, w: Window) -> int:
+        """A read-ahead window: the blocks the lenders hold, while they deliver faster
+        than the disk, and the rest from the disk. Returns the window's valid bytes."""
+        first = w.offset >> self.shift
+        lens = [-1] * (w.size >> self.shift)
+        remote = self.remote
+        if remote is not None and self.gate.ask():
+            t0 = time.monotonic()
+            got: list[tuple[int, int]] = []
+            self._ask_remote(state.file_id, w.version, first, lens, w.view, got)
+            self.gate.remote_took(time.monotonic() - t0, len(got))
+        if -1 in lens:
+            t0 = time.monotonic()
+            read = self._read_runs(fd, first, lens, w.view, False)
+            self.gate.disk_took(time.monotonic() - t0, len(read))
+        return valid_end(lens, self.bs)
 
     def _fill_misses(
         self,

@@ -6,7 +6,9 @@ the disk read *plus* the Python work and the FUSE transfer, and falls well
 behind reading the backing file with O_DIRECT directly (docs/benchmarks.md).
 So, once a handle has read two large, aligned, back-to-back requests, memlend
 reads the next window ahead in a background thread, into one of two buffers
-of that stream: the disk works on windows k+1 and k+2 while window k is sent. The
+of that stream: the disk works on windows k+1 and k+2 while window k is sent. A
+window's blocks come from the lenders instead while they deliver faster than the
+disk (ReadPath._fill_window, fs/stream_gate.py). The
 prefetch thread then also inserts what it read into the cache (off the
 application's path); the scan-resistant policy keeps such one-pass data from
 pushing out the hot set.
@@ -19,9 +21,9 @@ as on the ordinary miss path.
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -63,7 +65,16 @@ class Stream:
 
 
 class ReadAhead:
-    def __init__(self, cache: BlockCache, stats: MountStats, max_request: int) -> None:
+    def __init__(
+        self,
+        cache: BlockCache,
+        stats: MountStats,
+        max_request: int,
+        fill: Callable[[int, FileState, Window], int],
+    ) -> None:
+        # fill(fd, state, window) -> bytes: the window's blocks from the lenders (while
+        # they are faster than the disk) and the rest from the disk (ReadPath).
+        self.fill = fill
         self.cache = cache
         self.stats = stats
         self.bs = cache.block_size
@@ -137,15 +148,13 @@ class ReadAhead:
         bs = self.bs
         base = state.file_id << FILE_SHIFT
         try:
-            w.nbytes = os.preadv(fd, [w.view], w.offset)
+            w.nbytes = self.fill(fd, state, w)
         except OSError:
             w.nbytes = -1
         finally:
             w.ready.set()
         if w.nbytes <= 0:
             return
-        self.stats.disk_reads += 1
-        self.stats.disk_read_bytes += w.nbytes
         first = w.offset >> self.shift
         with self.cache.lock:
             if state.version != w.version:

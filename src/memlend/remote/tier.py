@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from memlend.stats import MountStats
 
 log = logging.getLogger("memlend.remote")
+DROP_LOG_EVERY = 10.0  # seconds: at most one log line about dropped puts per this
 
 MODES = ("inclusive", "exclusive")
 # A pooled connection unused this long is closed rather than used: the lender may
@@ -307,6 +308,7 @@ class RemoteTier:
         self._busy = False
         self._stop = threading.Event()
         self._reprobe = threading.Event()  # a lender just left active: probe it soon
+        self._drops_logged = (0, time.monotonic())  # dropped puts at the last log line
 
         self._probe_all(first=True)
         self._threads = [
@@ -667,6 +669,21 @@ class RemoteTier:
                     self._inflight = {}
                     self._inflight_bytes = 0
                     self._busy = False
+            self._log_drops()
+
+    def _log_drops(self, every: float = DROP_LOG_EVERY) -> None:
+        """Say in the log, at most once per `every` seconds, that puts were dropped: a
+        block not lent is a future disk read, and the count alone is easy to miss."""
+        logged, when = self._drops_logged
+        dropped, now = self.c["remote_dropped_puts"], time.monotonic()
+        if dropped > logged and now - when >= every:
+            self._drops_logged = (dropped, now)
+            states = ", ".join(f"{ld.url} {ld.health.state}" for ld in self.lenders)
+            log.warning(
+                "%d blocks not lent in the last %.0f s (put queue full or lender not active: "
+                "%s); they will be read from the disk again",
+                dropped - logged, now - when, states,
+            )  # fmt: skip
 
     def _put_client(self, ld: _Lender) -> Client:
         return ld.own("put", self.put_timeout)
