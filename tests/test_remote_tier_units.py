@@ -263,6 +263,24 @@ def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lend
         assert s["remote_dropped_puts"] == 1 and s["remote_queued_bytes"] == 8192
 
 
+def test_a_reader_waits_for_room_in_the_put_queue_instead_of_dropping(lying_lender) -> None:
+    srv, _ = lying_lender()
+    url = "memlend://{}:{}".format(*srv.address)
+    with RemoteTier([url], AUTH, SEAL, queue_blocks=4, linger=0.2, **LOOSE) as tier:
+        for round_ in range(3):
+            for i in range(4):
+                tier.wait_for_room(1, 4096, timeout=10)
+                tier.put(b"%031d%d" % (i, round_), b"x" * 4096)
+        assert tier.snapshot()["remote_dropped_puts"] == 0
+        assert tier.flush() and tier.snapshot()["remote_put_blocks"] == 12
+    # No lender active: no wait at all (the put thread drops such puts at once).
+    with RemoteTier(["memlend://127.0.0.1:1"], AUTH, SEAL, queue_blocks=1, linger=5) as tier:
+        tier.put(b"%032d" % 0, b"x")
+        t = time.monotonic()
+        tier.wait_for_room(1, 1, timeout=10)
+        assert time.monotonic() - t < 5
+
+
 def test_put_copies_memoryviews_and_bad_keys_are_misses(lying_lender) -> None:
     srv, _ = lying_lender()
     url = "memlend://{}:{}".format(*srv.address)

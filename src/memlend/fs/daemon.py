@@ -305,9 +305,15 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     except MountError as e:
         ready(str(e))
         return 1
+    # No AUTO_INVAL_DATA in the kernel tier: with it the kernel drops a file's whole
+    # page cache whenever a fresh GETATTR shows a new mtime, and every write through
+    # the mount makes one, so readers of a file being written re-read it through the
+    # daemon at each attribute refresh (measured: 40k reads/s against 520k-1M without,
+    # and torn pages, docs/design-choices.md). Outside changes are seen at open and
+    # when the daemon notices them (fs.on_outside_change sends the invalidation).
     session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
-                      entry_timeout=cfg.attr_timeout,
-                      writeback_cache=cfg.writeback_cache)  # fmt: skip
+                      entry_timeout=cfg.attr_timeout, writeback_cache=cfg.writeback_cache,
+                      auto_inval_data=not kernel_tier)  # fmt: skip
     try:
         session.handshake()
         # Page-cache mounts map files as any file system does; direct I/O ones need

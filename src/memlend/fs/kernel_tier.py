@@ -74,6 +74,7 @@ class KernelReadPath(ReadPath):
                 if count == 1:
                     remote.disk_read_took(took)
                 self.gate.disk_took(took, len(read))
+                remote.wait_for_room(len(read), len(read) * bs)
                 state.lent_version = version
                 for k, n in read:
                     if n:

@@ -153,7 +153,7 @@ class Passthrough(Operations):
     def attach_remote(self, tier: RemoteTier) -> None:
         """Lend evicted blocks to `tier` and ask it before the disk."""
         self.remote = tier
-        self.reader.remote = tier
+        self.reader.remote = self.reader.readahead.remote = tier
         if not self.kernel_tier:  # the kernel tier lends what it reads from disk instead
             self.cache.on_evict = self._evicted
 

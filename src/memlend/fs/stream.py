@@ -33,6 +33,7 @@ from memlend.stats import MountStats
 
 if TYPE_CHECKING:
     from memlend.fs.passthrough import FileState
+    from memlend.remote.tier import RemoteTier
 
 STREAM_MIN = 128 * 1024  # smaller requests are not worth reading ahead
 STREAM_AFTER = 2  # back-to-back requests before a handle counts as a stream
@@ -75,6 +76,7 @@ class ReadAhead:
         # fill(fd, state, window) -> bytes: the window's blocks from the lenders (while
         # they are faster than the disk) and the rest from the disk (ReadPath).
         self.fill = fill
+        self.remote: RemoteTier | None = None  # set with ReadPath.remote
         self.cache = cache
         self.stats = stats
         self.bs = cache.block_size
@@ -155,6 +157,8 @@ class ReadAhead:
             w.ready.set()
         if w.nbytes <= 0:
             return
+        if self.remote is not None:  # the inserts below evict as many blocks, all lent
+            self.remote.wait_for_room(-(-w.nbytes // bs), w.nbytes)
         first = w.offset >> self.shift
         with self.cache.lock:
             if state.version != w.version:

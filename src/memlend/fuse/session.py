@@ -47,6 +47,7 @@ class Session:
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
         writeback_cache: bool = False,
+        auto_inval_data: bool = True,
     ) -> None:
         self.fd = fd
         self.ops = ops
@@ -55,6 +56,7 @@ class Session:
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.writeback_cache = writeback_cache  # asked for; granted or not after INIT
+        self.auto_inval_data = auto_inval_data
         self.proto_minor = 0
         self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
@@ -121,7 +123,7 @@ class Session:
             | wire.BIG_WRITES
             | wire.MAX_PAGES
             | wire.PARALLEL_DIROPS
-            | wire.AUTO_INVAL_DATA
+            | (wire.AUTO_INVAL_DATA if self.auto_inval_data else 0)
             | wire.INIT_EXT
             | wire.DIRECT_IO_ALLOW_MMAP
             | (wire.WRITEBACK_CACHE if self.writeback_cache else 0)
