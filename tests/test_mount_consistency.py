@@ -194,11 +194,11 @@ def intact(raw: bytes) -> bool:
 
 def test_concurrent_readers_and_writers(mount: Mount, local_tier: str) -> None:
     # The kernel tier reads through the page cache, where a buffered read does not lock
-    # out a write copying into the same page. Measured with this test's pattern (3
-    # writers, 3 readers, 4 KiB records): about 1 torn record in 40,000 reads through
-    # the kernel tier, none in 288,000 on ext4 directly; cause not found yet (issue 9
-    # note). memlend's own tier hands out whole blocks. Torn records are counted, not
-    # failed, in the kernel tier; once quiet, every record must read whole and newest.
+    # out a write copying into the same page, so a torn record is possible, if rare
+    # (python -m memlend.bench.torn_reads: 2 in 3.2 million reads; about 1 in 40,000
+    # while AUTO_INVAL_DATA was on, docs/design-choices.md). memlend's own tier hands
+    # out whole blocks. Torn records are counted, not failed, in the kernel tier; once
+    # quiet, every record must read whole and newest in both.
     tear_ok = local_tier == "kernel"
     f = mount.mnt / "f"
     f.write_bytes(b"".join(record(i, 0, 0) for i in range(NREC)))
