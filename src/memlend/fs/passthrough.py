@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache, NoCache
 from memlend.fs.inodes import Inode, PathFds, default_capacity
 from memlend.fs.kernel_tier import KernelReadPath
+from memlend.fs.page_dropper import PageDropper
 from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
 from memlend.fuse import wire
@@ -140,6 +141,7 @@ class Passthrough(Operations):
         reader = KernelReadPath if self.kernel_tier else ReadPath
         self.reader = reader(cache, stats, direct_io=direct_io)
         self.writeback = False  # set by the daemon when the kernel grants its writeback cache
+        self.dropper = PageDropper()  # the backing store's copy of written pages, later
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
         # Set by the daemon: called (nodeids) to ask the kernel to forget these inodes.
@@ -509,7 +511,19 @@ class Passthrough(Operations):
     # ---- removing and renaming names --------------------------------------
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
-        os.unlink(name, dir_fd=self._inode(parent).fd)
+        fd = self._inode(parent).fd
+        self._let_go(fd, name)
+        os.unlink(name, dir_fd=fd)
+
+    def _let_go(self, dir_fd: int, name: bytes) -> None:
+        """A file about to lose a name: its descriptors waiting for a page drop are
+        closed first, or they would keep a removed file's blocks allocated."""
+        if self.dropper.waiting():
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                return
+            self.dropper.forget((st.st_dev, st.st_ino))
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         os.rmdir(name, dir_fd=self._inode(parent).fd)
@@ -518,6 +532,7 @@ class Passthrough(Operations):
         self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int
     ) -> None:
         old, new = self._inode(parent), self._inode(newparent)
+        self._let_go(new.fd, newname)  # the file a rename replaces
         if flags == 0:
             os.rename(name, newname, src_dir_fd=old.fd, dst_dir_fd=new.fd)
             return
@@ -621,13 +636,11 @@ class Passthrough(Operations):
         if h.direct_fd >= 0 and h.direct_fd != h.fd:
             os.close(h.direct_fd)
         if not h.readable or h.state.version:
-            # Written pages sit in the backing store's page cache: ask the kernel
-            # to drop them once written back (dirty pages stay until then).
-            try:
-                os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-        os.close(h.fd)
+            # Written pages sit in the backing store's page cache: dropped once the
+            # flusher has written them back (fs/page_dropper.py), not now.
+            self.dropper.later(h.fd, h.state.key)
+        else:
+            os.close(h.fd)
 
     def fsync(self, nodeid: int, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
@@ -702,6 +715,7 @@ class Passthrough(Operations):
             if isinstance(h, Handle) and h.direct_fd >= 0 and h.direct_fd != h.fd:
                 os.close(h.direct_fd)
         self._handles.clear()
+        self.dropper.close()
 
 
 def _setid_to_clear(ctx: Context, st: os.stat_result, capable: bool) -> int:
