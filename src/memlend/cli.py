@@ -406,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Start with `memlend demo`.",
     )
     parser.add_argument("--version", action="version", version=f"memlend {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML defaults for mount and lend (default /etc/memlend/memlend.toml if present)",
+    )
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
@@ -483,14 +488,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", default="cloud", help="disk profile: cloud (default), hdd, none")
     p.add_argument("--out", metavar="DIR", help="keep results.json and report.md here")
     p.set_defaults(func=cmd_demo)
+
+    from memlend.config import add_config_command
+
+    add_config_command(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse has no public accessor for subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _parse(raw: list[str]) -> argparse.Namespace:
+    """Parse, after the mount helper form (`memlend SRC MNT -o ...`) is turned into
+    `memlend mount SRC MNT --flags` and the config file's values became defaults."""
+    from memlend import config as config_file
+    from memlend import mount_options
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    subs = _subcommands(parser)
+    for name in ("mount", "lend"):
+        config_file.add_config_option(subs[name])
+    at = config_file.command_index(raw)
+    if at is not None and mount_options.is_helper_call(raw[at:], set(subs)):
+        raw = [*raw[:at], "mount", *raw[at:]]
+    if at is not None and raw[at] == "mount":
+        raw = [*raw[: at + 1], *mount_options.expand_argv(raw[at + 1 :], subs["mount"])]
+    path = config_file.config_argument(raw)
+    if at is not None and raw[at] != "config":  # `config check` reports, not refuses
+        sections = config_file.load(path) if path else {}
+        for name in ("mount", "lend"):
+            config_file.apply(subs[name], sections.get(name, {}))
+    for p in (parser, subs["mount"], subs["lend"]):
+        p.set_defaults(config=path)
+    args = parser.parse_args(raw)
+    config_file.finish(args)
+    args.argv = raw
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = _parse(raw)
         return args.func(args)
     except UserError as e:
         print(f"memlend: {e}", file=sys.stderr)
