@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,16 +33,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _state_dir() -> Path:
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    d = Path(base) / "memlend"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
-
-
 def _log_path(mountpoint: str) -> Path:
+    from memlend.statedir import state_dir
+
     name = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "root"
-    return _state_dir() / f"mount-{name}.log"
+    return state_dir() / f"mount-{name}.log"
 
 
 # ---- mount ----------------------------------------------------------------
@@ -60,7 +54,8 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
             "with --lender what the first tier cannot hold is lent to other machines. "
             "Writes go through to BACKING. Returns "
             "once the mount is ready; the daemon keeps running in the background and logs "
-            "to /run/memlend/mount-<mountpoint>.log (or $XDG_RUNTIME_DIR/memlend). Stop it "
+            "to /run/memlend/mount-<mountpoint>.log (non-root: $XDG_RUNTIME_DIR/memlend, "
+            "else /tmp/memlend-UID). Stop it "
             "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon."
         ),
     )
@@ -207,11 +202,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for warning in mount_warnings(cfg):
             print(f"memlend: warning: {warning}", file=sys.stderr)
     if args.foreground or args.ready_fd is not None:
-        logging.basicConfig(
-            level=logging.DEBUG if args.debug else logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-            filename=args.log_file,
-        )
+        from memlend.service import setup_logging
+
+        setup_logging(args.log_file, args.debug)
         ready = _print_ready if args.ready_fd is None else _pipe_ready(args.ready_fd)
         return serve(cfg, ready)
     return _spawn_daemon(args)
@@ -232,9 +225,12 @@ def _remove_dead_mount(mountpoint: str) -> None:
 
 
 def _print_ready(error: str | None) -> None:
+    from memlend.service import notify
+
     if error:
         print(f"memlend: {error}", file=sys.stderr)
     else:
+        notify("READY=1")  # Type=notify units: the mount is up
         print("memlend: mounted; Ctrl-C to unmount", file=sys.stderr)
 
 
@@ -265,6 +261,9 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     with os.fdopen(r, "rb") as f:
         line = f.readline().decode().strip()
     if line == "ok":
+        from memlend.service import notify
+
+        notify(f"READY=1\nMAINPID={proc.pid}")  # systemd then watches the daemon
         return 0
     if line.startswith("error "):
         raise UserError(line[6:])
