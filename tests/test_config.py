@@ -135,7 +135,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
                    "--lender", "memlend://h:1", "--cache-size", "1M"])  # fmt: skip
     assert (args.cache_size, args.policy, args.lender) == (1 << 20, "lirs", ["memlend://h:1"])
     # The same through the helper form, config=FILE among the -o options.
-    args = _parse(["b", "m", "-o", f"config={path},block_size=4K"])
+    args = _parse(["/b", "/m", "-o", f"config={path},block_size=4K"])
     assert (args.block_size, args.cache_size, args.config) == (4 << 10, 12 << 20, path)
     # lend's required flags may come from the file.
     args = _parse(["--config", path, "lend", "--memory", "1G"])

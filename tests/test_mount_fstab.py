@@ -133,3 +133,36 @@ def test_bad_mount_options_are_one_line(tmp_path: Path, options: str, words: tup
         assert not is_mounted(mnt)
     finally:
         force_unmount(mnt)
+
+
+def test_every_mount_flag_has_an_o_form() -> None:
+    """Each visible `memlend mount` flag, spelt with _ and with -, becomes that flag."""
+    import argparse
+
+    from memlend.cli import _parse, _subcommands, build_parser
+    from memlend.mount_options import expand
+
+    mount = _subcommands(build_parser())["mount"]
+    flags = [a for a in mount._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+    flags = [a for a in flags if any(s.startswith("--") for s in a.option_strings)]
+    assert len(flags) >= 16
+    for action in flags:
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        for name in (flag[2:], flag[2:].replace("-", "_")):
+            if action.nargs == 0:
+                assert expand(name, mount) == [flag]
+            else:
+                assert expand(f"{name}=v", mount) == [flag, "v"]
+    opts = (
+        "cache-size=2M,lender=memlend://h:1,lender=memcached://g:2,writeback_cache,"
+        "foreground=no,remote_deadline=3,local-tier=memlend,"
+        "rw,dev,suid,defaults,_netdev,nofail,noauto,x-systemd.idle-timeout=1"
+    )
+    args = _parse(["/b", "/m", "-o", opts])
+    assert args.command == "mount" and (args.backing, args.mountpoint) == ("/b", "/m")
+    assert args.cache_size == 2 << 20 and args.local_tier == "memlend"
+    assert args.lender == ["memlend://h:1", "memcached://g:2"]
+    assert args.writeback_cache and not args.foreground and args.remote_deadline == 3.0
+    # -o after `memlend mount` too, and -oOPTS glued
+    args = _parse(["mount", "/b", "/m", "-opolicy=lru", "--threads", "3"])
+    assert (args.policy, args.threads) == ("lru", 3)

@@ -517,7 +517,7 @@ def _parse(raw: list[str]) -> argparse.Namespace:
     if at is not None and raw[at] == "mount":
         raw = [*raw[: at + 1], *mount_options.expand_argv(raw[at + 1 :], subs["mount"])]
     path = config_file.config_argument(raw)
-    if at is not None and raw[at] != "config":  # `config check` reports, not refuses
+    if at is not None and raw[at] in ("mount", "lend"):  # the commands the file is for
         sections = config_file.load(path) if path else {}
         for name in ("mount", "lend"):
             config_file.apply(subs[name], sections.get(name, {}))

@@ -10,6 +10,7 @@ are refused with one line.
 from __future__ import annotations
 
 import argparse
+import os
 
 from memlend.errors import UserError
 
@@ -35,8 +36,11 @@ _FALSE = ("0", "no", "false", "off")
 
 
 def is_helper_call(argv: list[str], commands: set[str]) -> bool:
-    """`memlend SRC MNT ...` (no command word): the mount helper convention."""
-    return len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in commands
+    """`memlend SRC MNT ...` (no command word): the mount helper convention. SRC must
+    look like a path, so that a mistyped command stays a usage error."""
+    if len(argv) < 2 or argv[0].startswith("-") or argv[0] in commands:
+        return False
+    return "/" in argv[0] or os.path.isdir(argv[0])
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
