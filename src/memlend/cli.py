@@ -56,7 +56,10 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
             "once the mount is ready; the daemon keeps running in the background and logs "
             "to /run/memlend/mount-<mountpoint>.log (non-root: $XDG_RUNTIME_DIR/memlend, "
             "else /tmp/memlend-UID). Stop it "
-            "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon."
+            "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon. For "
+            "/etc/fstab (type fuse.memlend), every flag also has an -o form: "
+            "`memlend BACKING MOUNTPOINT -o cache_size=4G,lender=URL,...`; defaults may come "
+            "from /etc/memlend/memlend.toml ([mount])."
         ),
     )
     p.add_argument("backing", metavar="BACKING", help="the directory to mirror")

@@ -100,7 +100,9 @@ def add_lend_arguments(
     parser.add_argument(
         "--log-file",
         metavar="PATH",
-        help="log here (default: stderr in the foreground, /run/memlend/lend-PORT.log otherwise)",
+        help="log here, rotated at 10 MiB (default: stderr in the foreground, the journal "
+        "under systemd, else /run/memlend/lend-PORT.log, or a private per-user directory "
+        "for non-root)",
     )
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     # Tests fake the host's available memory with a file holding a byte count.
