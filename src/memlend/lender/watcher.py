@@ -29,11 +29,6 @@ def meminfo_available() -> int:
     return _meminfo("MemAvailable")
 
 
-def cgroup_available(cgroup_dir: str, version: int = 1) -> int | None:
-    """limit - usage + reclaimable page cache of a memory cgroup; None if unlimited."""
-    return cgroup.MemoryCgroup(version, cgroup_dir).available()
-
-
 def host_limit() -> int:
     """The memory this lender's 'machine' has: MemTotal, or its cgroup's limit if lower."""
     total = _meminfo("MemTotal")
