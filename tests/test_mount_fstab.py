@@ -88,6 +88,7 @@ def test_mount_t_fuse_memlend_from_a_temporary_fstab(tmp_path: Path) -> None:
         "_netdev,nofail,x-systemd.automount 0 0\n"
     )
     script = (
+        f"trap 'umount -l {mnt} 2>/dev/null' EXIT; "  # whatever fails, nothing stays mounted
         f"mount --bind {VENV_BIN} /usr/local/bin && mount -T {fstab} {mnt} && "
         f"cat {mnt}/f && memlend stats {mnt} --json && umount {mnt}"
     )
