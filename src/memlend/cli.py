@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,16 +33,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _state_dir() -> Path:
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    d = Path(base) / "memlend"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
-
-
 def _log_path(mountpoint: str) -> Path:
+    from memlend.statedir import state_dir
+
     name = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "root"
-    return _state_dir() / f"mount-{name}.log"
+    return state_dir() / f"mount-{name}.log"
 
 
 # ---- mount ----------------------------------------------------------------
@@ -60,8 +54,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
             "with --lender what the first tier cannot hold is lent to other machines. "
             "Writes go through to BACKING. Returns "
             "once the mount is ready; the daemon keeps running in the background and logs "
-            "to /run/memlend/mount-<mountpoint>.log (or $XDG_RUNTIME_DIR/memlend). Stop it "
-            "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon."
+            "to /run/memlend/mount-<mountpoint>.log (non-root: $XDG_RUNTIME_DIR/memlend, "
+            "else /tmp/memlend-UID). Stop it "
+            "with `memlend umount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon. For "
+            "/etc/fstab (type fuse.memlend), every flag also has an -o form: "
+            "`memlend BACKING MOUNTPOINT -o cache_size=4G,lender=URL,...`; defaults may come "
+            "from /etc/memlend/memlend.toml ([mount])."
         ),
     )
     p.add_argument("backing", metavar="BACKING", help="the directory to mirror")
@@ -207,11 +205,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for warning in mount_warnings(cfg):
             print(f"memlend: warning: {warning}", file=sys.stderr)
     if args.foreground or args.ready_fd is not None:
-        logging.basicConfig(
-            level=logging.DEBUG if args.debug else logging.INFO,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-            filename=args.log_file,
-        )
+        from memlend.service import setup_logging
+
+        setup_logging(args.log_file, args.debug)
         ready = _print_ready if args.ready_fd is None else _pipe_ready(args.ready_fd)
         return serve(cfg, ready)
     return _spawn_daemon(args)
@@ -232,9 +228,12 @@ def _remove_dead_mount(mountpoint: str) -> None:
 
 
 def _print_ready(error: str | None) -> None:
+    from memlend.service import notify
+
     if error:
         print(f"memlend: {error}", file=sys.stderr)
     else:
+        notify("READY=1")  # Type=notify units: the mount is up
         print("memlend: mounted; Ctrl-C to unmount", file=sys.stderr)
 
 
@@ -265,6 +264,9 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     with os.fdopen(r, "rb") as f:
         line = f.readline().decode().strip()
     if line == "ok":
+        from memlend.service import notify
+
+        notify(f"READY=1\nMAINPID={proc.pid}")  # systemd then watches the daemon
         return 0
     if line.startswith("error "):
         raise UserError(line[6:])
@@ -406,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Start with `memlend demo`.",
     )
     parser.add_argument("--version", action="version", version=f"memlend {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML defaults for mount and lend (default /etc/memlend/memlend.toml if present)",
+    )
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
@@ -483,14 +490,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", default="cloud", help="disk profile: cloud (default), hdd, none")
     p.add_argument("--out", metavar="DIR", help="keep results.json and report.md here")
     p.set_defaults(func=cmd_demo)
+
+    from memlend.config import add_config_command
+
+    add_config_command(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse has no public accessor for subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _parse(raw: list[str]) -> argparse.Namespace:
+    """Parse, after the mount helper form (`memlend SRC MNT -o ...`) is turned into
+    `memlend mount SRC MNT --flags` and the config file's values became defaults."""
+    from memlend import config as config_file
+    from memlend import mount_options
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    subs = _subcommands(parser)
+    for name in ("mount", "lend"):
+        config_file.add_config_option(subs[name])
+    at = config_file.command_index(raw)
+    if at is not None and mount_options.is_helper_call(raw[at:], set(subs)):
+        raw = [*raw[:at], "mount", *raw[at:]]
+    if at is not None and raw[at] == "mount":
+        raw = [*raw[: at + 1], *mount_options.expand_argv(raw[at + 1 :], subs["mount"])]
+    path = config_file.config_argument(raw)
+    if at is not None and raw[at] in ("mount", "lend"):  # the commands the file is for
+        sections = config_file.load(path) if path else {}
+        for name in ("mount", "lend"):
+            config_file.apply(subs[name], sections.get(name, {}))
+    for p in (parser, subs["mount"], subs["lend"]):
+        p.set_defaults(config=path)
+    args = parser.parse_args(raw)
+    config_file.finish(args)
+    args.argv = raw
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = _parse(raw)
         return args.func(args)
     except UserError as e:
         print(f"memlend: {e}", file=sys.stderr)

@@ -11,9 +11,9 @@ import logging
 import os
 import signal
 import socket
-import sys
 
 from memlend.errors import UserError
+from memlend.service import notify, setup_logging
 from memlend.sizes import parse_size
 
 DEFAULT_POLICY = "s3fifo"  # memlend.cli.DEFAULT_POLICY; cli passes its own to be sure
@@ -100,7 +100,9 @@ def add_lend_arguments(
     parser.add_argument(
         "--log-file",
         metavar="PATH",
-        help="log here (default: stderr in the foreground, /run/memlend/lend-PORT.log otherwise)",
+        help="log here, rotated at 10 MiB (default: stderr in the foreground, the journal "
+        "under systemd, else /run/memlend/lend-PORT.log, or a private per-user directory "
+        "for non-root)",
     )
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     # Tests fake the host's available memory with a file holding a byte count.
@@ -171,22 +173,20 @@ def run_lend(args: argparse.Namespace) -> int:
     sock = _bind(args.listen)
     host, port = sock.getsockname()[:2]
 
+    log_file = args.log_file
     if not args.foreground:
-        log_file = args.log_file or _default_log(port)
+        log_file = log_file or _default_log(port)
         pid = os.fork()
         if pid:
+            # The socket listens already: a Type=notify unit may go on, watching the child.
+            notify(f"READY=1\nMAINPID={pid}")
             print(f"memlend lend: listening on {host}:{port} (pid {pid}, log {log_file})")
             return 0
         os.setsid()
         _redirect(log_file, daemon=True)
-    elif args.log_file:
-        _redirect(args.log_file, daemon=False)
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    elif log_file:
+        _redirect(log_file, daemon=False)  # tracebacks, if ever, land next to the log
+    setup_logging(log_file, args.debug, fmt="%(asctime)s %(levelname)s %(message)s")
     source = (
         w.file_source(args.memory_source_file) if args.memory_source_file else w.system_source()
     )
@@ -218,6 +218,7 @@ def run_lend(args: argparse.Namespace) -> int:
     )
     if args.foreground:
         print(f"memlend lend: listening on {host}:{port}", flush=True)
+        notify("READY=1")
     try:
         server.serve_forever()
     finally:
@@ -226,10 +227,9 @@ def run_lend(args: argparse.Namespace) -> int:
 
 
 def _default_log(port: int) -> str:
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    d = os.path.join(base, "memlend")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return os.path.join(d, f"lend-{port}.log")
+    from memlend.statedir import state_dir
+
+    return str(state_dir() / f"lend-{port}.log")
 
 
 def _redirect(log_file: str, *, daemon: bool) -> None:

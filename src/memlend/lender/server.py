@@ -24,8 +24,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from memlend.lender.cgroup import PressureEvents, pressure_events
 from memlend.lender.store import Namespace, Store
-from memlend.lender.watcher import Watcher, cgroup_pressure_fd
+from memlend.lender.watcher import Watcher
 from memlend.remote import protocol as p
 
 log = logging.getLogger("memlend.lender")
@@ -71,10 +72,11 @@ class LenderServer:
         auth_key: bytes,
         config: ServerConfig | None = None,
         watcher: Watcher | None = None,
-        watcher_events: bool = False,
+        watcher_events: bool | PressureEvents = False,
     ) -> None:
-        """`watcher_events`: also wake the watcher on cgroup threshold notifications
-        (only meaningful with the real memory source)."""
+        """`watcher_events`: also wake the watcher on memory pressure notifications
+        (cgroup v1 threshold, cgroup v2 memory.events, PSI triggers; only meaningful
+        with the real memory source), or on these given sources (tests)."""
         self.sock = sock
         self.store = store
         self.auth_key = auth_key
@@ -97,13 +99,20 @@ class LenderServer:
         self._listen_fd = sock.fileno()
         self.ep.register(self._listen_fd, select.EPOLLIN)
         self.ep.register(self._wake_r, select.EPOLLIN)
-        self._pressure_fd = None
         self._urgent_until = 0.0
         self._next_tick = 0.0
+        self.events = PressureEvents()
         if watcher is not None and watcher_events:
-            self._pressure_fd = cgroup_pressure_fd(watcher.reserve)
-            if self._pressure_fd is not None:
-                self.ep.register(self._pressure_fd, select.EPOLLIN)
+            self.events = (
+                watcher_events
+                if isinstance(watcher_events, PressureEvents)
+                else pressure_events(watcher.reserve)
+            )
+            for fd, mask in self.events.fds():
+                self.ep.register(fd, mask)
+            log.info("memory watcher wakes on: %s", ", ".join(self.events.names()) or
+                     f"nothing but its {self.cfg.watch_interval} s polling")  # fmt: skip
+        self._pressure_fds = {fd for fd, _ in self.events.fds()}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -165,9 +174,8 @@ class LenderServer:
             elif fd == self._wake_r:
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 4096)
-            elif fd == self._pressure_fd:  # the cgroup crossed limit - reserve: act now
-                with contextlib.suppress(OSError):
-                    os.eventfd_read(self._pressure_fd)
+            elif fd in self._pressure_fds:  # the cgroup or host is short of memory: act now
+                self.events.consume(fd)
                 now = time.monotonic()
                 # The event fires once per crossing; while the neighbour keeps growing
                 # above the line, look again every 10 ms for a while (from now on: the
@@ -402,8 +410,7 @@ class LenderServer:
         for c in list(self.clients.values()):
             self._close(c)
         self.ep.close()
-        if self._pressure_fd is not None:
-            os.close(self._pressure_fd)
+        self.events.close()
         self.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
