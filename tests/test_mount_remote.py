@@ -920,7 +920,7 @@ def test_bad_remote_options_are_one_line_and_leave_nothing(case, tmp_path, seal_
     }[case]
     seal = tmp_path / "nope" if case == "missing-seal-key" else seal_key_file
     cmd = [*MEMLEND, "mount", str(backing), str(mnt), "--cache-size", "1M"]
-    cmd += [*args, "--seal-key-file", str(seal)]
+    cmd += [*args, "--seal-key-file", str(seal), "--log-file", str(tmp_path / "mount.log")]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
         assert r.returncode != 0, r.stderr
