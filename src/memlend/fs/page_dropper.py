@@ -39,9 +39,11 @@ class PageDropper:
             limit = MAX_WAITING if soft == resource.RLIM_INFINITY else soft // 8
             limit = max(0, min(MAX_WAITING, limit))
         self.delay, self.limit = delay, limit
-        self._waiting: deque[tuple[float, int, object]] = deque()  # (due, fd, key): oldest first
+        # Entries [due, fd, key], oldest first; fd -1 once let go early (forget). By key
+        # too, so that an unlink costs O(1), not a scan of up to `limit` entries.
+        self._waiting: deque[list] = deque()
+        self._by_key: dict[object, list[list]] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memlend-drop", daemon=True)
         self._thread.start()
@@ -49,7 +51,6 @@ class PageDropper:
     def later(self, fd: int, key: object) -> None:
         """Take `fd` (a written backing file, `key` its identity): fadvise DONTNEED and
         close it later."""
-        oldest = None
         try:
             gone = os.fstat(fd).st_nlink == 0  # removed before its release reached us
         except OSError:
@@ -57,15 +58,28 @@ class PageDropper:
         if gone:
             os.close(fd)
             return
+        oldest = -1
         with self._lock:
             if self._stop.is_set() or self.limit == 0:
                 oldest = fd
             else:
                 if len(self._waiting) >= self.limit:
-                    oldest = self._waiting.popleft()[1]
-                self._waiting.append((time.monotonic() + self.delay, fd, key))
-        if oldest is not None:
+                    oldest = self._pop()
+                entry = [time.monotonic() + self.delay, fd, key]
+                self._waiting.append(entry)
+                self._by_key.setdefault(key, []).append(entry)
+        if oldest >= 0:
             _drop(oldest)
+
+    def _pop(self) -> int:
+        """The oldest entry's descriptor (-1 if let go already); under the lock."""
+        _, fd, key = self._waiting.popleft()
+        entries = self._by_key.get(key)
+        if entries:
+            entries.pop(0)
+            if not entries:
+                del self._by_key[key]
+        return fd
 
     def waiting(self) -> int:
         return len(self._waiting)
@@ -74,10 +88,10 @@ class PageDropper:
         """The file `key` may be gone: close its waiting descriptors now (no drop
         needed: a removed file's pages go with its last descriptor)."""
         with self._lock:
-            mine = [fd for _, fd, k in self._waiting if k == key]
-            if mine:
-                self._waiting = deque(w for w in self._waiting if w[2] != key)
-        for fd in mine:
+            fds = [e[1] for e in self._by_key.get(key, ()) if e[1] >= 0]
+            for e in self._by_key.get(key, ()):
+                e[1] = -1
+        for fd in fds:
             os.close(fd)
 
     def _run(self) -> None:
@@ -86,18 +100,20 @@ class PageDropper:
             due = []
             with self._lock:
                 while self._waiting and self._waiting[0][0] <= now:
-                    due.append(self._waiting.popleft()[1])
+                    due.append(self._pop())
                 nxt = self._waiting[0][0] - now if self._waiting else self.delay
             for fd in due:
-                _drop(fd)
+                if fd >= 0:
+                    _drop(fd)
             self._stop.wait(max(0.05, nxt))
 
     def close(self) -> None:
         """Drop and close everything still waiting (at unmount)."""
         with self._lock:
             self._stop.set()
-            fds = [fd for _, fd, _ in self._waiting]
+            fds = [e[1] for e in self._waiting if e[1] >= 0]
             self._waiting.clear()
+            self._by_key.clear()
         self._thread.join(5)
         for fd in fds:
             _drop(fd)

@@ -553,15 +553,18 @@ class Passthrough(Operations):
         with self._lock:
             fh = next(self._fhs)
             self._handles[fh] = h
+        # A read-only handle has nothing to flush (no written data, no deferred write
+        # error, locks are the kernel's): its close(2) costs no round trip.
+        open_flags = wire.FOPEN_NOFLUSH if accmode == os.O_RDONLY else 0
         if not self.kernel_tier:
-            return fh, wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
+            return fh, open_flags | wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
         # Close-to-open: the kernel keeps the file's cached pages across this open only
         # if nothing changed it outside the mount since it cached them; otherwise it
         # drops them now (fuse_finish_open). Its own writes went through those pages.
         if state.outside != state.outside_at_open:
             state.outside_at_open = state.outside
-            return fh, 0
-        return fh, wire.FOPEN_KEEP_CACHE
+            return fh, open_flags
+        return fh, open_flags | wire.FOPEN_KEEP_CACHE
 
     def _backing_flags(self, flags: int) -> int:
         if self.writeback:

@@ -89,6 +89,7 @@ DIRECT_IO_ALLOW_MMAP = 1 << 36
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5  # close(2) sends no FLUSH (ignored under the writeback cache)
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
 
 # fuse_setattr_in.valid
