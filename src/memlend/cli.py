@@ -134,6 +134,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         help="the secret shared with memlend:// lenders (`memlend genkey PATH`)",
     )
     remote.add_argument(
+        "--client-name",
+        metavar="NAME",
+        help="this client's name in the lenders' --clients files; --secret-file is then "
+        "this client's own key, and the lenders keep its blocks apart from everyone else's",
+    )
+    remote.add_argument(
         "--seal-key-file",
         metavar="PATH",
         help="key that encrypts and authenticates lent blocks; never give it to lenders "
@@ -191,6 +197,7 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         lenders=args.lender,
         secret_file=args.secret_file,
         seal_key_file=args.seal_key_file,
+        client_name=args.client_name,
         remote_deadline=args.remote_deadline / 1000,
         remote_mode=args.remote_mode,
         lender_streams=args.lender_streams,

@@ -51,6 +51,7 @@ class MountConfig:
     lenders: list[str] = field(default_factory=list)  # memlend:// or memcached:// URLs
     secret_file: str | None = None  # shared with memlend:// lenders (authentication)
     seal_key_file: str | None = None  # never leaves this host; default: seal_key_path()
+    client_name: str | None = None  # our name in the lenders' clients files (our own key)
     remote_deadline: float = 0.002
     remote_mode: str = "inclusive"
     lender_streams: str = "auto"  # or "always": streams ask lenders even when the disk is faster
@@ -179,6 +180,13 @@ def check_config(cfg: MountConfig) -> MountConfig:
             raise UserError(f"lender {url!r}: {e}") from None
         if scheme == "memlend" and not cfg.secret_file:
             raise UserError(f"lender {url} needs --secret-file (the secret it was started with)")
+    if cfg.client_name is not None:
+        from memlend.lender.clients import valid_client_name
+
+        if not valid_client_name(cfg.client_name):
+            raise UserError(f"--client-name {cfg.client_name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+        if not cfg.secret_file:
+            raise UserError("--client-name needs --secret-file (this client's own key)")
     if cfg.lender_streams not in ("auto", "always"):
         raise UserError("--lender-streams must be auto or always")
     if cfg.remote_mode not in ("inclusive", "exclusive"):
@@ -277,7 +285,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         # The put queue is memory too: it comes out of the daemon's fixed 64 MiB allowance.
         tier = RemoteTier(
             cfg.lenders, auth, seal, deadline=cfg.remote_deadline, mode=cfg.remote_mode,
-            stats=stats, queue_bytes=PUT_QUEUE_BYTES,
+            stats=stats, queue_bytes=PUT_QUEUE_BYTES, client_name=cfg.client_name,
+            epoch=fs.reader.epoch,
         )  # fmt: skip
         tier.clear_namespace()  # blocks of an earlier run of this mount are unreachable
         for lender in tier.snapshot()["lenders"]:

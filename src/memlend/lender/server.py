@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from memlend.lender.clients import AllowedClient
 from memlend.lender.store import Namespace, Store
 from memlend.lender.watcher import Watcher, cgroup_pressure_fd
 from memlend.remote import protocol as p
@@ -68,7 +69,7 @@ class LenderServer:
         self,
         sock: socket.socket,
         store: Store,
-        auth_key: bytes,
+        auth_key: bytes | dict[bytes, AllowedClient],
         config: ServerConfig | None = None,
         watcher: Watcher | None = None,
         watcher_events: bool = False,
@@ -77,7 +78,10 @@ class LenderServer:
         (only meaningful with the real memory source)."""
         self.sock = sock
         self.store = store
+        # One shared key, or each allowed client's own (memlend.lender.clients): then
+        # a client id is a name, and only that client's key opens its namespace.
         self.auth_key = auth_key
+        self.allowed = None if isinstance(auth_key, bytes) else auth_key
         self.cfg = config or ServerConfig()
         self.watcher = watcher
         # Raw epoll, not selectors: a selectors.select() call costs about 3 µs of Python,
@@ -212,9 +216,15 @@ class LenderServer:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             now = time.monotonic()
-            c = _Client(s, f"{addr[0]}:{addr[1]}", p.ServerConnection(self.auth_key), now, now)
+            c = _Client(s, f"{addr[0]}:{addr[1]}", p.ServerConnection(self._key_for), now, now)
             self.clients[s.fileno()] = c
             self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def _key_for(self, client_id: bytes) -> bytes | None:
+        if self.allowed is None:
+            return self.auth_key  # type: ignore[return-value]
+        client = self.allowed.get(client_id)
+        return None if client is None else client.auth_key
 
     def _close(self, c: _Client, why: str | None = None) -> None:
         if self.clients.pop(c.sock.fileno(), None) is None:
@@ -350,13 +360,17 @@ class LenderServer:
                 n = st.invalidate_all(ns)
             self._send(c, conn.send_ack(ev.request_id, n))
         elif isinstance(ev, p.StatsRequest):
-            self._send(c, conn.send_stats_reply(ev.request_id, self.stats()))
+            s = self.stats()
+            assert c.ns is not None
+            s["client_blocks"] = len(c.ns.entries)  # this client's share of "blocks"
+            self._send(c, conn.send_stats_reply(ev.request_id, s))
         elif isinstance(ev, p.Ping):
             self._send(c, conn.send_pong(ev.request_id, ev.data))
         elif isinstance(ev, p.Hello):
             self._send(c, conn.send_challenge())
         elif isinstance(ev, p.Authenticated):
-            c.ns = st.namespace(ev.client_id)
+            allowed = self.allowed.get(ev.client_id) if self.allowed is not None else None
+            c.ns = st.namespace(ev.client_id, allowed.quota if allowed else None)
             if c.ns is None:
                 self._send(c, conn.send_error(0, p.ErrorCode.BUSY, "too many client namespaces"))
                 c.closing = True
