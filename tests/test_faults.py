@@ -97,12 +97,6 @@ def remote_hits(s: dict) -> int:
     return s["remote_hits"] - s["remote_queue_hits"]
 
 
-def time_until(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    t = time.monotonic()
-    wait_for(cond, timeout, what)
-    return time.monotonic() - t
-
-
 def warm(m: Mount, data: dict[str, bytes]) -> None:
     """Pass 1 (disk), evictions lent; then every lender active."""
     all_active(m)
@@ -152,10 +146,10 @@ def test_lender_stopped_mid_read_then_continued(
         os.kill(pid, signal.SIGCONT)
         resumed.append(time.monotonic())
 
-    timer = threading.Timer(1.0, cont)
+    timer = threading.Timer(0.3, cont)
     try:
         s0 = stats(m)
-        # Stopped a third of the way through; continued 1 s later, reads going on.
+        # Stopped a third of the way through; continued 0.3 s later, reads going on.
         p = timed_pass(m, data, seed=2, at={0.33: lambda: (os.kill(pid, signal.SIGSTOP),
                                                            timer.start())})  # fmt: skip
         timer.join()
@@ -163,8 +157,8 @@ def test_lender_stopped_mid_read_then_continued(
         timer.cancel()
         os.kill(pid, signal.SIGCONT)
     s1 = stats(m)
-    recovery = time_until(lambda: lender_states(m) == ["active"], 15, "the lender active")
-    recovery += time.monotonic() - resumed[0] - recovery if resumed else 0.0
+    wait_for(lambda: lender_states(m) == ["active"], 15, "the lender active")
+    recovery = time.monotonic() - resumed[0]  # an upper bound: polled every 50 ms
     print(f"{kind} SIGSTOP mid-pass: {p}; timeouts {s1['remote_timeouts'] - s0['remote_timeouts']}"
           f", active again {recovery:.2f} s after SIGCONT")  # fmt: skip
     check_waits(p, "a stopped lender")
@@ -247,7 +241,6 @@ def test_a_slow_lender_costs_at_most_its_delay(
     url = f"memlend://127.0.0.1:{proxy.port}"
     m = mount_factory(*remote_opts(url, seal=seal_key_file, secret=secret_file, cache="1M"))
     data = make_files(m.backing, 4 * MiB, 2, seed=22)
-    wait_for(lambda: stats(m)["lenders"][0]["put_blocks"] >= 0, 5, "stats")
     timed_pass(m, data, seed=1)
     settle(m, timeout=20)
     s0 = stats(m)
