@@ -284,7 +284,8 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
         pytest.skip("network namespaces need root")
     tag = f"mlh{os.getpid() % 100000}"
     ns, host, peer = tag, f"{tag}a", f"{tag}b"
-    net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    n = os.getpid()  # xdist workers: one /30 each (pids below 38,400 never collide)
+    net = f"10.{100 + (n >> 8) % 150}.{n % 256}"
     made: list[NetnsLender] = []
     created = False
 
