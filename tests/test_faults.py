@@ -1,7 +1,7 @@
 """The fault suite (issue 10): faults injected during reads and writes of a real mount,
 with real lenders and memcached. Faults covered elsewhere are not repeated here:
-kill -9 of a lender mid-pass and a lender stopped before a pass
-(test_mount_remote.py), lenders answering garbage (test_mount_remote.py "a lender
+kill -9 of a lender during the gets of a second pass and a lender stopped
+before a pass (test_mount_remote.py), lenders answering garbage (test_mount_remote.py "a lender
 that lies", test_remote_protocol.py), the mount daemon killed and recovered
 (test_mount_crash.py), errors inside the session's read path
 (test_session_faults.py).
@@ -165,6 +165,45 @@ def test_lender_stopped_mid_read_then_continued(
     assert s1["remote_timeouts"] > s0["remote_timeouts"], (s0, s1)
     assert remote_hits(s1) > remote_hits(s0)  # the first third came from the lender
     # Back to serving: a later pass has remote hits again.
+    s2 = stats(m)
+    timed_pass(m, data, seed=3)
+    assert remote_hits(stats(m)) > remote_hits(s2)
+
+
+# ---- kill -9 of a lender while puts are in flight ---------------------------------------
+
+
+def test_lender_killed_mid_put_then_restarted(
+    mount_factory, lender_factory, secret_file, seal_key_file
+) -> None:
+    """kill -9 during the first pass, whose evictions are being sent to the lender
+    (test_mount_remote.py kills one during the gets of a second pass)."""
+    from test_mount_remote import restart_on
+
+    lender = lender_factory()
+    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file, cache="1M"))
+    data = make_files(m.backing, 4 * MiB, 2, seed=24)
+    all_active(m)
+    s0 = stats(m)
+    p = timed_pass(m, data, seed=1, at={0.5: lender.kill})
+    s1 = stats(m)
+    settle(m)  # what was queued for the dead lender is dropped, not kept forever
+    dropped = s1["remote_dropped_puts"] - s0["remote_dropped_puts"]
+    sent = s1["remote_put_blocks"] - s0["remote_put_blocks"]
+    t = time.monotonic()
+    restart_on(lender_factory, lender.port)
+    wait_for(lambda: lender_states(m) == ["active"], 15, "the restarted lender active")
+    recovery = time.monotonic() - t
+    print(f"lender kill -9 mid-put: {p}; {sent} blocks sent before, {dropped} puts dropped, "
+          f"{s1['lenders'][0]['state']} ({s1['lenders'][0]['last_error']}); restarted, "
+          f"active {recovery:.2f} s later")  # fmt: skip
+    check_waits(p, "a lender killed mid-put")
+    assert lender.proc.returncode == -9 and sent > 0
+    assert s1["lenders"][0]["state"] != "active", s1["lenders"]
+    # Lent again, and read back: a pass to lend, a pass to read.
+    timed_pass(m, data, seed=2)
+    settle(m)
+    all_active(m)
     s2 = stats(m)
     timed_pass(m, data, seed=3)
     assert remote_hits(stats(m)) > remote_hits(s2)
