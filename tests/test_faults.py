@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,14 @@ def warm(m: Mount, data: dict[str, bytes]) -> None:
     all_active(m)
 
 
+def _connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def pid_listening(port: int) -> int:
     """The pid of the process listening on 127.0.0.1:`port` (memcached's, here)."""
     inodes = set()
@@ -127,7 +136,12 @@ def pid_listening(port: int) -> int:
 # ---- SIGSTOP / SIGCONT of a lender in the middle of a pass ---------------------------
 
 
-@pytest.mark.parametrize("kind", ["memlend", "memcached"])
+# Each kind of lender with one local tier: the remote tier's handling is the same in
+# both, and the suite must stay short.
+KINDS_BY_TIER = [("memlend", "kernel"), ("memcached", "memlend")]
+
+
+@pytest.mark.parametrize(("kind", "local_tier"), KINDS_BY_TIER)
 def test_lender_stopped_mid_read_then_continued(
     kind, request, mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
@@ -272,13 +286,17 @@ def delay_proxy() -> Iterator[Callable[[int, float], DelayProxy]]:
         proxy.close()
 
 
+@pytest.mark.parametrize(("kind", "local_tier"), KINDS_BY_TIER)
 def test_a_slow_lender_costs_at_most_its_delay(
-    mount_factory, lender_factory, delay_proxy, secret_file, seal_key_file
+    kind, request, mount_factory, lender_factory, delay_proxy, secret_file, seal_key_file
 ) -> None:
-    lender = lender_factory()
-    proxy = delay_proxy(lender.port, 0.005)
-    url = f"memlend://127.0.0.1:{proxy.port}"
-    m = mount_factory(*remote_opts(url, seal=seal_key_file, secret=secret_file, cache="1M"))
+    if kind == "memcached":
+        port, secret = request.getfixturevalue("memcached_port"), None
+    else:
+        port, secret = lender_factory().port, secret_file
+    proxy = delay_proxy(port, 0.005)
+    url = f"{kind}://127.0.0.1:{proxy.port}"
+    m = mount_factory(*remote_opts(url, seal=seal_key_file, secret=secret, cache="1M"))
     data = make_files(m.backing, 4 * MiB, 2, seed=22)
     timed_pass(m, data, seed=1)
     settle(m, timeout=20)
@@ -286,7 +304,7 @@ def test_a_slow_lender_costs_at_most_its_delay(
     p = timed_pass(m, data, seed=2)
     s1 = stats(m)
     ld = s1["lenders"][0]
-    print(f"slow lender (+5 ms): {p}; state {ld['state']} ({ld.get('reason', '')}), "
+    print(f"slow {kind} (+5 ms): {p}; state {ld['state']} ({ld.get('reason', '')}), "
           f"remote hits {remote_hits(s1) - remote_hits(s0)}, "
           f"disk bytes {s1['disk_read_bytes'] - s0['disk_read_bytes']}")  # fmt: skip
     check_waits(p, "a slow lender")
@@ -328,7 +346,7 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
     made: list[NetnsLender] = []
     created = False
 
-    def start() -> NetnsLender:
+    def start(kind: str = "memlend") -> NetnsLender:
         nonlocal created
         run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
         try:
@@ -342,7 +360,18 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
         run("ip", "link", "set", host, "up")
         run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/30", "dev", peer)
         run("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "memlend", "lend",
+        inside = ["ip", "netns", "exec", ns]
+        if kind == "memcached":  # the namespace is ours alone: any port is free
+            exe = shutil.which("memcached")
+            if exe is None:
+                pytest.skip("memcached is not installed")
+            cmd = [*inside, exe, "-l", f"{net}.2", "-p", "11211", "-U", "0", "-m", "64",
+                   "-u", "root"]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            made.append(NetnsLender(proc, ns, host, f"memcached://{net}.2:11211", peer))
+            wait_for(lambda: _connects(f"{net}.2", 11211), 5, "memcached to listen")
+            return made[-1]
+        cmd = [*inside, sys.executable, "-m", "memlend", "lend",
                "--listen", f"{net}.2:0", "--memory", "64M", "--block-size", "16K",
                "--reserve", "64M", "--foreground", "--secret-file", str(secret_file)]  # fmt: skip
         with open(tmp_path / "netns-lender.log", "ab") as err:
@@ -368,15 +397,20 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
             subprocess.run(["ip", "link", "del", host], capture_output=True)
 
 
-@pytest.mark.parametrize("side", ["host", "lender"])
+@pytest.mark.parametrize(
+    ("side", "kind", "local_tier"),
+    [("host", "memlend", "kernel"), ("lender", "memlend", "memlend"),
+     ("lender", "memcached", "kernel")],
+)  # fmt: skip
 def test_a_network_cut_costs_time_not_reads(
-    side, mount_factory, netns_lender, secret_file, seal_key_file
+    side, kind, mount_factory, netns_lender, secret_file, seal_key_file
 ) -> None:
     """host: our side of the link goes down (its route goes, connects fail at once);
     lender: the lender's side goes down, packets vanish silently (as with a DROP rule:
     this host has no iptables)."""
-    lender = netns_lender()
-    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file, cache="1M"))
+    lender = netns_lender(kind)
+    secret = secret_file if kind == "memlend" else None
+    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret, cache="1M"))
     data = make_files(m.backing, 4 * MiB, 2, seed=23)
     warm(m, data)
     s0 = stats(m)
@@ -388,7 +422,7 @@ def test_a_network_cut_costs_time_not_reads(
     s1 = stats(m)
     wait_for(lambda: lender_states(m) == ["active"], 20, "the lender active after the cut")
     recovery = time.monotonic() - up
-    print(f"{side} link down mid-pass: {p}; lender {s1['lenders'][0]['state']} "
+    print(f"{kind}, {side} link down mid-pass: {p}; lender {s1['lenders'][0]['state']} "
           f"({s1['lenders'][0]['last_error']}), timeouts "
           f"{s1['remote_timeouts'] - s0['remote_timeouts']}; "
           f"active {recovery:.2f} s after link up")  # fmt: skip
