@@ -341,8 +341,11 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
         pytest.skip("network namespaces need root")
     tag = f"mlh{os.getpid() % 100000}"
     ns, host, peer = tag, f"{tag}a", f"{tag}b"
-    n = os.getpid()  # xdist workers: one /30 each (pids below 38,400 never collide)
-    net = f"10.{100 + (n >> 8) % 150}.{n % 256}"
+    # 198.18.0.0/15 (RFC 2544, benchmarking): not the testbed's 10.200+ nets. One /30
+    # per xdist worker, by pid: net.1 ours, net.2 the lender's.
+    n = os.getpid()
+    net = f"198.{18 + (n >> 14) % 2}.{(n >> 6) & 255}"
+    base = (n & 63) * 4
     made: list[NetnsLender] = []
     created = False
 
@@ -356,23 +359,23 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
         created = True
         run("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
         run("ip", "link", "set", peer, "netns", ns)
-        run("ip", "addr", "add", f"{net}.1/30", "dev", host)
+        run("ip", "addr", "add", f"{net}.{base + 1}/30", "dev", host)
         run("ip", "link", "set", host, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/30", "dev", peer)
+        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.{base + 2}/30", "dev", peer)
         run("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
         inside = ["ip", "netns", "exec", ns]
         if kind == "memcached":  # the namespace is ours alone: any port is free
             exe = shutil.which("memcached")
             if exe is None:
                 pytest.skip("memcached is not installed")
-            cmd = [*inside, exe, "-l", f"{net}.2", "-p", "11211", "-U", "0", "-m", "64",
+            cmd = [*inside, exe, "-l", f"{net}.{base + 2}", "-p", "11211", "-U", "0", "-m", "64",
                    "-u", "root"]  # fmt: skip
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            made.append(NetnsLender(proc, ns, host, f"memcached://{net}.2:11211", peer))
-            wait_for(lambda: _connects(f"{net}.2", 11211), 5, "memcached to listen")
+            made.append(NetnsLender(proc, ns, host, f"memcached://{net}.{base + 2}:11211", peer))
+            wait_for(lambda: _connects(f"{net}.{base + 2}", 11211), 5, "memcached to listen")
             return made[-1]
         cmd = [*inside, sys.executable, "-m", "memlend", "lend",
-               "--listen", f"{net}.2:0", "--memory", "64M", "--block-size", "16K",
+               "--listen", f"{net}.{base + 2}:0", "--memory", "64M", "--block-size", "16K",
                "--reserve", "64M", "--foreground", "--secret-file", str(secret_file)]  # fmt: skip
         with open(tmp_path / "netns-lender.log", "ab") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -380,7 +383,7 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
         line = proc.stdout.readline()
         made.append(NetnsLender(proc, ns, host, "", peer))
         assert "listening on" in line, line
-        made[-1].url = f"memlend://{net}.2:{int(line.rsplit(':', 1)[1])}"
+        made[-1].url = f"memlend://{net}.{base + 2}:{int(line.rsplit(':', 1)[1])}"
         return made[-1]
 
     try:
