@@ -62,6 +62,12 @@ def test_a_client_cannot_reach_another_clients_blocks(
             connect(lender.port, name, secret)
     with pytest.raises(RemoteAuthError, match="wrong secret"):
         connect(lender.port, "alice", os.urandom(32))
+    # The lender's operator learns of the unknown name (its log is in tmp_path).
+    wait_until = time.monotonic() + 5
+    log = tmp_path / "lender0.log"
+    while "unknown client 'carol'" not in log.read_text() and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    assert "failed authentication: unknown client 'carol'" in log.read_text()
     with connect(lender.port, "alice", clients["alice"]) as alice:
         assert alice.multi_get([k for k, _ in mine]) == [v for _, v in mine]
         assert alice.stats()["client_blocks"] == 8

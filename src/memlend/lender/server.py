@@ -273,6 +273,10 @@ class LenderServer:
         self._flush(c)
 
     def _auth_failed(self, c: _Client, why: str) -> None:
+        self._log_auth_failure(c, why)
+        self._fail(c, p.ErrorCode.AUTH, "authentication failed")
+
+    def _log_auth_failure(self, c: _Client, why: str) -> None:
         self.auth_failures += 1
         # One line per failed connection, at most one per second: a scanner hammering
         # the port must not fill the disk with logs.
@@ -283,7 +287,6 @@ class LenderServer:
             self._last_fail_log, self._suppressed = now, 0
         else:
             self._suppressed += 1
-        self._fail(c, p.ErrorCode.AUTH, "authentication failed")
 
     def _fail(self, c: _Client, code: int, message: str) -> None:
         """Best-effort ERROR frame, then close: the peer learns why, we keep no state."""
@@ -367,6 +370,11 @@ class LenderServer:
         elif isinstance(ev, p.Ping):
             self._send(c, conn.send_pong(ev.request_id, ev.data))
         elif isinstance(ev, p.Hello):
+            if self.allowed is not None and ev.client_id not in self.allowed:
+                # Logged here, as the client gives up on our (random-key) proof and
+                # closes without a word; the handshake goes on so it cannot tell.
+                name = ev.client_id.decode("ascii", "replace")[:64]
+                self._log_auth_failure(c, f"unknown client {name!r}")
             self._send(c, conn.send_challenge())
         elif isinstance(ev, p.Authenticated):
             allowed = self.allowed.get(ev.client_id) if self.allowed is not None else None
