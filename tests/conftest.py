@@ -186,7 +186,9 @@ def lender_factory(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., 
     ) -> Lender:
         cmd = [*MEMLEND, "lend", "--listen", f"127.0.0.1:{port}", "--memory", memory]
         cmd += ["--block-size", block_size, "--reserve", "64M", "--foreground"]
-        cmd += ["--secret-file", str(secret or secret_file), *options]
+        if "--clients" not in options:  # a lender takes one or the other
+            cmd += ["--secret-file", str(secret or secret_file)]
+        cmd += options
         log = tmp_path / f"lender{len(started)}.log"
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)

@@ -838,7 +838,7 @@ def test_wrong_secret_reads_from_disk_and_the_lender_serves_the_right_client(
     assert lender.proc.poll() is None
     assert sg["lenders"][0]["state"] == "active", sg["lenders"]
     assert g["remote_hits"] - g["remote_queue_hits"] > 0, g
-    # (blocks_held is the lender's own count, as of the prober's last STATS)
+    # (blocks_held is this client's count on the lender, as of the prober's last STATS)
     wait_for(lambda: stats(good)["lenders"][0]["blocks_held"] > 0, 5, "blocks held")
 
 

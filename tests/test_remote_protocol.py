@@ -82,6 +82,33 @@ def test_wrong_secret_fails_on_both_sides() -> None:
         s.receive_data(b"")
 
 
+CLIENT_KEYS = {b"client-a": KEY, b"client-b": b"b" * 32}
+
+
+def test_per_client_keys_bind_the_namespace_to_the_key() -> None:
+    # Each client authenticates with its own key, under its own name.
+    for name, key in CLIENT_KEYS.items():
+        c = p.ClientConnection(key, name)
+        s = p.ServerConnection(CLIENT_KEYS.get)
+        s.receive_data(c.send_hello())
+        c.receive_data(s.send_challenge())
+        [auth] = s.receive_data(c.send_auth())
+        assert auth == p.Authenticated(0, name)
+    # client-a's key under client-b's name (claiming its namespace), and an unknown
+    # name: both fail on the client's side like a wrong secret, before it proves anything.
+    for key, name in ((KEY, b"client-b"), (KEY, b"nobody")):
+        c = p.ClientConnection(key, name)
+        s = p.ServerConnection(CLIENT_KEYS.get)
+        s.receive_data(c.send_hello())
+        with pytest.raises(p.AuthError, match="wrong secret"):
+            c.receive_data(s.send_challenge())
+    # A forged proof for another client's name is refused by the server.
+    s = p.ServerConnection(CLIENT_KEYS.get)
+    s.receive_data(p.ClientConnection(KEY, b"client-b").send_hello())
+    with pytest.raises(p.AuthError):
+        s.receive_data(p.encode_frame(p.MsgType.AUTH, 0, b"\0" * 32))
+
+
 def test_requests_before_authentication_are_refused() -> None:
     c = p.ClientConnection(KEY, b"a")
     with pytest.raises(p.ProtocolError):
@@ -171,7 +198,15 @@ def _feed_never_crashes(conn: p._Connection, chunks: list[bytes]) -> None:
 
 def _targets() -> list[p._Connection]:
     c, s = handshake()
-    return [p.ServerConnection(KEY), s, c]
+    # A lender with a list of clients: the key is looked up by the HELLO's client id.
+    keyed = p.ServerConnection(CLIENT_KEYS.get)
+    return [p.ServerConnection(KEY), s, c, keyed, _keyed_hello_received()]
+
+
+def _keyed_hello_received() -> p.ServerConnection:
+    s = p.ServerConnection(CLIENT_KEYS.get)
+    s.receive_data(p.ClientConnection(KEY, b"client-a").send_hello())
+    return s
 
 
 @FUZZ

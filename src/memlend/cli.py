@@ -132,6 +132,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         help="the secret shared with memlend:// lenders (`memlend genkey PATH`)",
     )
     remote.add_argument(
+        "--client-name",
+        metavar="NAME",
+        help="this client's name in the lenders' --clients files; --secret-file is then "
+        "this client's own key, and the lenders keep its blocks apart from everyone else's",
+    )
+    remote.add_argument(
         "--seal-key-file",
         metavar="PATH",
         help="key that encrypts and authenticates lent blocks; never give it to lenders "
@@ -163,6 +169,12 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         "(default) while they deliver a block faster than the disk, as measured; always, "
         "even when the disk is faster (spares a metered disk's IOPS)",
     )
+    p.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even if MOUNTPOINT has entries (they are hidden while mounted); "
+        "without it a non-empty mountpoint is refused",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -189,6 +201,8 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         lenders=args.lender,
         secret_file=args.secret_file,
         seal_key_file=args.seal_key_file,
+        client_name=args.client_name,
+        nonempty=args.nonempty,
         remote_deadline=args.remote_deadline / 1000,
         remote_mode=args.remote_mode,
         lender_streams=args.lender_streams,

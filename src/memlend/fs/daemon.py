@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -23,9 +24,18 @@ from dataclasses import dataclass, field
 from memlend.errors import UserError
 from memlend.fs.cache import BlockCache, NoCache, slots_for
 from memlend.fs.passthrough import Passthrough
-from memlend.fuse.mount import MountError, is_dead_mount, is_mountpoint, mount, unmount
+from memlend.fuse.mount import (
+    FUSE_CONF,
+    MountError,
+    is_dead_mount,
+    is_mountpoint,
+    mount,
+    unmount,
+    user_allow_other,
+)
 from memlend.fuse.session import Session
 from memlend.remote.client import parse_address
+from memlend.remote.secret import loose_permissions
 from memlend.stats import MountStats
 
 log = logging.getLogger("memlend")
@@ -51,6 +61,8 @@ class MountConfig:
     lenders: list[str] = field(default_factory=list)  # memlend:// or memcached:// URLs
     secret_file: str | None = None  # shared with memlend:// lenders (authentication)
     seal_key_file: str | None = None  # never leaves this host; default: seal_key_path()
+    client_name: str | None = None  # our name in the lenders' clients files (our own key)
+    nonempty: bool = False  # mount over a directory that has entries (hiding them)
     remote_deadline: float = 0.002
     remote_mode: str = "inclusive"
     lender_streams: str = "auto"  # or "always": streams ask lenders even when the disk is faster
@@ -123,7 +135,27 @@ def mount_warnings(cfg: MountConfig) -> list[str]:
             f"{cfg.backing} is in memory already ({backing_fs_type(cfg.backing)}): "
             "memlend's cache only duplicates it"
         )
+    if cfg.lenders:
+        for path in (cfg.secret_file, cfg.seal_key_file):
+            loose = loose_permissions(path) if path else None
+            if loose:
+                warnings.append(loose)
+    # (without fusermount3 a non-root user cannot mount at all, and is told that)
+    no_others = allow_other_dropped(os.geteuid(), FUSE_CONF)
+    if no_others and shutil.which("fusermount3"):
+        warnings.append(no_others)
     return warnings
+
+
+def allow_other_dropped(euid: int, fuse_conf: str) -> str | None:
+    """Why other users will not see this mount, if they will not: a non-root mount gets
+    allow_other only when fuse.conf has user_allow_other (fusermount3 refuses it else)."""
+    if euid == 0 or user_allow_other(fuse_conf):
+        return None
+    return (
+        "other users (root included) cannot use this mount: allow_other needs "
+        f"user_allow_other in {fuse_conf} for a mount made by a non-root user"
+    )
 
 
 def check_config(cfg: MountConfig) -> MountConfig:
@@ -150,8 +182,23 @@ def check_config(cfg: MountConfig) -> MountConfig:
             f"mountpoint {cfg.mountpoint} is inside the backing directory {cfg.backing}; "
             "choose a mountpoint outside it"
         )
+    if backing.startswith(mnt.rstrip("/") + "/"):
+        raise UserError(
+            f"backing directory {cfg.backing} is inside the mountpoint {cfg.mountpoint}: "
+            "the mount would hide it; choose a backing directory outside it"
+        )
     if is_mountpoint(mnt):
         raise UserError(f"mountpoint {cfg.mountpoint} is busy: something is already mounted there")
+    if not cfg.nonempty:
+        try:
+            entries = len(os.listdir(mnt))
+        except OSError as e:
+            raise UserError(f"cannot list mountpoint {cfg.mountpoint}: {e.strerror}") from None
+        if entries:
+            raise UserError(
+                f"mountpoint {cfg.mountpoint} is not empty ({entries} entries): the mount "
+                "would hide them; use an empty directory, or --nonempty to mount over them"
+            )
     bs = cfg.block_size
     if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
         raise UserError(f"block size {bs} must be a power of two from 4K to 1M")
@@ -179,6 +226,13 @@ def check_config(cfg: MountConfig) -> MountConfig:
             raise UserError(f"lender {url!r}: {e}") from None
         if scheme == "memlend" and not cfg.secret_file:
             raise UserError(f"lender {url} needs --secret-file (the secret it was started with)")
+    if cfg.client_name is not None:
+        from memlend.lender.clients import valid_client_name
+
+        if not valid_client_name(cfg.client_name):
+            raise UserError(f"--client-name {cfg.client_name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+        if not cfg.secret_file:
+            raise UserError("--client-name needs --secret-file (this client's own key)")
     if cfg.lender_streams not in ("auto", "always"):
         raise UserError("--lender-streams must be auto or always")
     if cfg.remote_mode not in ("inclusive", "exclusive"):
@@ -277,7 +331,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         # The put queue is memory too: it comes out of the daemon's fixed 64 MiB allowance.
         tier = RemoteTier(
             cfg.lenders, auth, seal, deadline=cfg.remote_deadline, mode=cfg.remote_mode,
-            stats=stats, queue_bytes=PUT_QUEUE_BYTES,
+            stats=stats, queue_bytes=PUT_QUEUE_BYTES, client_name=cfg.client_name,
+            epoch=fs.reader.epoch,
         )  # fmt: skip
         tier.clear_namespace()  # blocks of an earlier run of this mount are unreachable
         for lender in tier.snapshot()["lenders"]:

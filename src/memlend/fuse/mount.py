@@ -74,9 +74,13 @@ def unmount_dead(mountpoint: str) -> None:
         unmount(mountpoint, lazy=True)
 
 
-def _user_allow_other() -> bool:
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def user_allow_other(fuse_conf: str = FUSE_CONF) -> bool:
+    """Whether fusermount3 lets non-root users mount with allow_other."""
     try:
-        with open("/etc/fuse.conf") as f:
+        with open(fuse_conf) as f:
             return any(line.strip() == "user_allow_other" for line in f)
     except OSError:
         return False
@@ -86,7 +90,7 @@ def mount(mountpoint: str, fsname: str, *, max_read: int, allow_other: bool = Tr
     """Mount a FUSE file system at `mountpoint`; return the /dev/fuse descriptor."""
     st = os.stat(mountpoint)
     options = ["default_permissions"]
-    if allow_other and (os.geteuid() == 0 or _user_allow_other()):
+    if allow_other and (os.geteuid() == 0 or user_allow_other()):
         options.append("allow_other")
     if os.geteuid() == 0:
         return _mount_as_root(mountpoint, fsname, st.st_mode, options, max_read)

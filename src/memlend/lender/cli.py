@@ -50,8 +50,21 @@ def add_lend_arguments(
     )
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve")
     parser.add_argument("--memory", required=True, metavar="SIZE", help="memory to lend, e.g. 2G")
-    parser.add_argument(
-        "--secret-file", required=True, metavar="PATH", help="shared secret (memlend genkey)"
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="one secret shared by all clients (memlend genkey); any holder may use any "
+        "namespace: prefer --clients",
+    )
+    who.add_argument(
+        "--clients",
+        metavar="FILE",
+        help="the allowed clients, one `NAME KEY QUOTA` line each: KEY is a secret file "
+        "(memlend genkey) or its 64 hex digits, QUOTA a size or - (none beyond the fair "
+        "share); a mount connects with --client-name NAME --secret-file KEY, and can only "
+        "reach the blocks of its own name; over its quota a client's own oldest blocks make "
+        "room (docs/remote.md)",
     )
     parser.add_argument(
         "--reserve",
@@ -140,9 +153,23 @@ def _size_arg(name: str, text: str) -> int:
         raise UserError(f"{name}: {e}") from None
 
 
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def check_memory(text: str, memory: int, host_memory: int) -> None:
+    """--memory must fit in what the host (or the lender's cgroup) has at all."""
+    if memory > host_memory:
+        raise UserError(
+            f"--memory {text} ({_gib(memory)}) is more than this host has: "
+            f"{_gib(host_memory)} (MemTotal, or the memory cgroup's limit if lower)"
+        )
+
+
 def run_lend(args: argparse.Namespace) -> int:
     from memlend.lender import server as srv
     from memlend.lender import watcher as w
+    from memlend.lender.clients import load_clients
     from memlend.lender.store import Store
     from memlend.policies import POLICIES
     from memlend.remote.secret import auth_key, load_secret
@@ -162,14 +189,21 @@ def run_lend(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be positive")
     if args.busy_poll_us < 0:
         raise UserError("--busy-poll-us must be 0 or more")
-    secret = load_secret(args.secret_file)
+    keys = load_clients(args.clients) if args.clients else auth_key(load_secret(args.secret_file))
+    host_memory = w.host_limit()
+    check_memory(args.memory, memory, host_memory)
     reserve = (
-        _size_arg("--reserve", args.reserve) if args.reserve else w.default_reserve(w.host_limit())
+        _size_arg("--reserve", args.reserve) if args.reserve else w.default_reserve(host_memory)
     )
     try:
         store = Store(memory, block, args.policy, quota)
     except ValueError as e:
         raise UserError(f"--memory {args.memory}: {e}") from None
+    except OSError as e:  # the mapping itself: overcommit refused it
+        raise UserError(
+            f"--memory {args.memory} ({_gib(memory)}): {e.strerror}; "
+            f"this host has {_gib(host_memory)}"
+        ) from None
     sock = _bind(args.listen)
     host, port = sock.getsockname()[:2]
 
@@ -199,7 +233,7 @@ def run_lend(args: argparse.Namespace) -> int:
     server = srv.LenderServer(
         sock,
         store,
-        auth_key(secret),
+        keys,
         cfg,
         w.Watcher(store, source, reserve),
         watcher_events=not args.memory_source_file,

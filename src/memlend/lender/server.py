@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from memlend.lender.cgroup import PressureEvents, pressure_events
+from memlend.lender.clients import AllowedClient
 from memlend.lender.store import Namespace, Store
 from memlend.lender.watcher import Watcher
 from memlend.remote import protocol as p
@@ -69,7 +70,7 @@ class LenderServer:
         self,
         sock: socket.socket,
         store: Store,
-        auth_key: bytes,
+        auth_key: bytes | dict[bytes, AllowedClient],
         config: ServerConfig | None = None,
         watcher: Watcher | None = None,
         watcher_events: bool | PressureEvents = False,
@@ -79,7 +80,10 @@ class LenderServer:
         with the real memory source), or on these given sources (tests)."""
         self.sock = sock
         self.store = store
+        # One shared key, or each allowed client's own (memlend.lender.clients): then
+        # a client id is a name, and only that client's key opens its namespace.
         self.auth_key = auth_key
+        self.allowed = None if isinstance(auth_key, bytes) else auth_key
         self.cfg = config or ServerConfig()
         self.watcher = watcher
         # Raw epoll, not selectors: a selectors.select() call costs about 3 µs of Python,
@@ -220,9 +224,15 @@ class LenderServer:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             now = time.monotonic()
-            c = _Client(s, f"{addr[0]}:{addr[1]}", p.ServerConnection(self.auth_key), now, now)
+            c = _Client(s, f"{addr[0]}:{addr[1]}", p.ServerConnection(self._key_for), now, now)
             self.clients[s.fileno()] = c
             self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def _key_for(self, client_id: bytes) -> bytes | None:
+        if self.allowed is None:
+            return self.auth_key  # type: ignore[return-value]
+        client = self.allowed.get(client_id)
+        return None if client is None else client.auth_key
 
     def _close(self, c: _Client, why: str | None = None) -> None:
         if self.clients.pop(c.sock.fileno(), None) is None:
@@ -271,6 +281,10 @@ class LenderServer:
         self._flush(c)
 
     def _auth_failed(self, c: _Client, why: str) -> None:
+        self._log_auth_failure(c, why)
+        self._fail(c, p.ErrorCode.AUTH, "authentication failed")
+
+    def _log_auth_failure(self, c: _Client, why: str) -> None:
         self.auth_failures += 1
         # One line per failed connection, at most one per second: a scanner hammering
         # the port must not fill the disk with logs.
@@ -281,7 +295,6 @@ class LenderServer:
             self._last_fail_log, self._suppressed = now, 0
         else:
             self._suppressed += 1
-        self._fail(c, p.ErrorCode.AUTH, "authentication failed")
 
     def _fail(self, c: _Client, code: int, message: str) -> None:
         """Best-effort ERROR frame, then close: the peer learns why, we keep no state."""
@@ -358,13 +371,22 @@ class LenderServer:
                 n = st.invalidate_all(ns)
             self._send(c, conn.send_ack(ev.request_id, n))
         elif isinstance(ev, p.StatsRequest):
-            self._send(c, conn.send_stats_reply(ev.request_id, self.stats()))
+            s = self.stats()
+            assert c.ns is not None
+            s["client_blocks"] = len(c.ns.entries)  # this client's share of "blocks"
+            self._send(c, conn.send_stats_reply(ev.request_id, s))
         elif isinstance(ev, p.Ping):
             self._send(c, conn.send_pong(ev.request_id, ev.data))
         elif isinstance(ev, p.Hello):
+            if self.allowed is not None and ev.client_id not in self.allowed:
+                # Logged here, as the client gives up on our (random-key) proof and
+                # closes without a word; the handshake goes on so it cannot tell.
+                name = ev.client_id.decode("ascii", "replace")[:64]
+                self._log_auth_failure(c, f"unknown client {name!r}")
             self._send(c, conn.send_challenge())
         elif isinstance(ev, p.Authenticated):
-            c.ns = st.namespace(ev.client_id)
+            allowed = self.allowed.get(ev.client_id) if self.allowed is not None else None
+            c.ns = st.namespace(ev.client_id, allowed.quota if allowed else None)
             if c.ns is None:
                 self._send(c, conn.send_error(0, p.ErrorCode.BUSY, "too many client namespaces"))
                 c.closing = True

@@ -47,6 +47,7 @@ def memory_for(slots: int, slot_size: int, policy: str = "s3fifo") -> int:
 class Namespace:
     client_id: bytes
     index: int
+    quota_slots: int | None = None  # from the lender's clients file; None: the default
     # key -> (slot, length, tail); insertion order = FIFO for quota evictions
     entries: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
 
@@ -81,10 +82,12 @@ class Store:
 
     # ---- namespaces -----------------------------------------------------------
 
-    def namespace(self, client_id: bytes) -> Namespace | None:
-        """The namespace of `client_id`, created if needed; None if the table is full."""
+    def namespace(self, client_id: bytes, quota: int | None = None) -> Namespace | None:
+        """The namespace of `client_id`, created if needed; None if the table is full.
+        `quota`: this client's own limit in bytes (the clients file), if any."""
         ns = self._ns.get(client_id)
         if ns is not None:
+            ns.quota_slots = None if quota is None else max(1, quota // self.slot_size)
             return ns
         if len(self._ns) >= self.max_namespaces:
             for cid in [c for c, n in self._ns.items() if not n.entries]:
@@ -92,6 +95,8 @@ class Store:
             if len(self._ns) >= self.max_namespaces:
                 return None
         ns = Namespace(client_id, self._next_index)
+        if quota is not None:
+            ns.quota_slots = max(1, quota // self.slot_size)
         self._next_index += 1
         self._ns[client_id] = ns
         self._by_index[ns.index] = ns
@@ -99,7 +104,8 @@ class Store:
 
     def _share(self, ns: Namespace) -> int:
         holders = sum(1 for n in self._ns.values() if n.entries or n is ns)
-        return min(self.quota_slots, max(1, self.slots // max(1, holders)))
+        share = min(self.quota_slots, max(1, self.slots // max(1, holders)))
+        return share if ns.quota_slots is None else min(share, ns.quota_slots)
 
     # ---- data path ------------------------------------------------------------
 

@@ -21,7 +21,9 @@ Handshake (mutual HMAC-SHA256 challenge-response over the shared auth key)::
 The client checks the server's proof before proving itself, so a fake lender
 learns nothing it can replay; both proofs cover both fresh nonces and have
 distinct labels, so neither can be reflected. The client id names the client's
-namespace on the lender.
+namespace on the lender. A lender with a list of clients looks the key up by the
+client id (its name), so a namespace is bound to the key that authenticated it;
+an unknown name gets a random key, and fails exactly like a wrong key.
 
 Requests (the reply carries the request's id)::
 
@@ -43,7 +45,7 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 VERSION = 1
@@ -565,7 +567,14 @@ class ServerConnection(_Connection):
         {MsgType.GET, MsgType.PUT, MsgType.INVALIDATE, MsgType.STATS, MsgType.PING}
     )
 
-    def __init__(self, auth_key: bytes, *, nonce: bytes | None = None) -> None:
+    def __init__(
+        self,
+        auth_key: bytes | Callable[[bytes], bytes | None],
+        *,
+        nonce: bytes | None = None,
+    ) -> None:
+        """`auth_key`: the one shared key, or a lookup from client id to that client's
+        key (None: unknown client)."""
         super().__init__()
         self._key = auth_key
         self._snonce = nonce or os.urandom(NONCE_LEN)
@@ -584,9 +593,13 @@ class ServerConnection(_Connection):
             assert isinstance(ev, Hello)
             cnonce = bytes(payload[:NONCE_LEN])
             self.client_id = ev.client_id
-            proof = _mac(self._key, b"server", ev.client_id, cnonce, self._snonce)
+            key = self._key if isinstance(self._key, bytes) else self._key(ev.client_id)
+            # An unknown client gets a proof under a random key: it cannot tell an
+            # unknown name from a wrong key, so names cannot be probed for.
+            key = key if key is not None else os.urandom(MAC_LEN)
+            proof = _mac(key, b"server", ev.client_id, cnonce, self._snonce)
             self._challenge = encode_frame(MsgType.CHALLENGE, request_id, self._snonce, proof)
-            self._expected = _mac(self._key, b"client", ev.client_id, cnonce, self._snonce)
+            self._expected = _mac(key, b"client", ev.client_id, cnonce, self._snonce)
             self._state = "auth"
             return ev
         if self._state == "auth":

@@ -23,7 +23,9 @@ cannot. See docs/remote.md.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,6 +37,10 @@ NONCE_LEN = 12
 TAG_LEN = 16
 OVERHEAD = 1 + NONCE_LEN + TAG_LEN  # 29 bytes per blob
 SEAL_LABEL = b"memlend seal v1"
+RUN_SEAL_LABEL = b"memlend run seal v1"
+# Random 96-bit nonces: 2^32 seals per key keep the collision chance below 2^-32
+# (NIST SP 800-38D); rekey with room to spare.
+SEALS_PER_KEY = 1 << 31
 CLIENT_ID_LABEL = b"memlend client id v1"
 
 
@@ -74,3 +80,51 @@ class Sealer:
             return self._aead.decrypt(view[1 : 1 + NONCE_LEN], view[1 + NONCE_LEN :], key_bytes)
         except InvalidTag:
             raise SealError("sealed blob failed authentication") from None
+
+
+class RunSealer:
+    """Sealing for one mount run: a key derived from the seal secret and the run's
+    epoch, replaced by the next generation's before SEALS_PER_KEY seals.
+
+    Opening tries the current key, then the previous one (blocks sealed just before a
+    rekey); anything older, or of an earlier run, fails to open: a miss."""
+
+    def __init__(self, secret: bytes, epoch: bytes, seals_per_key: int = SEALS_PER_KEY) -> None:
+        if seals_per_key < 1:
+            raise ValueError("seals_per_key must be positive")
+        self._secret, self._epoch = secret, bytes(epoch)
+        self.seals_per_key = seals_per_key
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._current = self._sealer(0)
+        self._previous: Sealer | None = None
+        self._count = itertools.count()  # next() is atomic under the GIL: no lock per seal
+
+    def _sealer(self, generation: int) -> Sealer:
+        info = RUN_SEAL_LABEL + self._epoch + generation.to_bytes(8, "big")
+        return Sealer(hkdf(self._secret, info))
+
+    def seal(self, key_bytes: bytes, plaintext: bytes | memoryview) -> bytes:
+        n = next(self._count)
+        if n >= self.seals_per_key:
+            self._rekey()
+            return self.seal(key_bytes, plaintext)
+        return self._current.seal(key_bytes, plaintext)
+
+    def _rekey(self) -> None:
+        with self._lock:
+            # Another thread may have rekeyed while this one waited for the lock.
+            if next(self._count) < self.seals_per_key:
+                return
+            self.generation += 1
+            self._previous, self._current = self._current, self._sealer(self.generation)
+            self._count = itertools.count()
+
+    def open(self, key_bytes: bytes, blob: bytes | memoryview) -> bytes:
+        current, previous = self._current, self._previous
+        try:
+            return current.open(key_bytes, blob)
+        except SealError:
+            if previous is None:
+                raise
+            return previous.open(key_bytes, blob)

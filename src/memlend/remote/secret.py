@@ -93,9 +93,22 @@ def load_secret(path: str, *, warn: TextIO | None = None) -> bytes:
             "(create one with memlend genkey)"
         )
     if st.st_mode & 0o077:
-        print(
-            f"memlend: warning: secret file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 it)",
-            file=warn or sys.stderr,
-        )
+        print(f"memlend: warning: {_loose(path, st.st_mode)}", file=warn or sys.stderr)
     return secret
+
+
+def _loose(path: str, mode: int) -> str:
+    return (
+        f"secret file {path} is accessible by group or others "
+        f"(mode {stat.S_IMODE(mode):04o}; chmod 600 it)"
+    )
+
+
+def loose_permissions(path: str) -> str | None:
+    """A warning if group or others may access the secret file at `path` (as ssh warns
+    about a private key); None if not, or if it cannot be looked at (loading says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return _loose(path, mode) if mode & 0o077 else None

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -65,7 +66,7 @@ from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, pars
 from memlend.remote.health import ACTIVE, DOWN, LenderHealth
 from memlend.remote.memcached import MemcachedClient
 from memlend.remote.placement import Rendezvous
-from memlend.remote.sealing import Sealer, SealError, client_id_for
+from memlend.remote.sealing import SEALS_PER_KEY, RunSealer, SealError, client_id_for
 from memlend.remote.secret import auth_key
 
 if TYPE_CHECKING:
@@ -246,7 +247,13 @@ class RemoteTier:
         busy_poll_us: int = 200,
         pool_size: int = 32,
         latency_window: int = 4096,
+        client_name: str | None = None,
+        epoch: bytes | None = None,
+        seals_per_key: int = SEALS_PER_KEY,
     ) -> None:
+        """`client_name`: this client's name in the lenders' clients files (its own key
+        is `auth_secret`); None: the shared-secret mode, namespace from the seal secret.
+        `epoch`: this mount run's, which the sealing keys are derived from."""
         if not urls:
             raise ValueError("the remote tier needs at least one lender URL")
         if mode not in MODES:
@@ -269,8 +276,10 @@ class RemoteTier:
         self.busy_poll_us = busy_poll_us
         self.pool_size = pool_size
         self._stats = stats
-        self._sealer = Sealer.from_secret(seal_secret)
-        self.client_id = client_id_for(seal_secret)
+        # A fresh sealing key per run (and per SEALS_PER_KEY seals): blocks lent by an
+        # earlier run fail to open, which is a miss.
+        self._sealer = RunSealer(seal_secret, epoch or os.urandom(8), seals_per_key)
+        self.client_id = client_name.encode() if client_name else client_id_for(seal_secret)
         self.auth_key = auth_key(auth_secret) if auth_secret is not None else None
         self.lenders = [_Lender(u, self) for u in urls]
         if self.auth_key is None and any(ld.kind == "memlend" for ld in self.lenders):
@@ -847,7 +856,8 @@ class RemoteTier:
 
     def _read_lender_stats(self, ld: _Lender, c: Client) -> None:
         s = c.stats()
-        n = s.get("blocks") if ld.kind == "memlend" else s.get("curr_items")
+        # A memlend lender counts this client's blocks apart; memcached only its total.
+        n = s.get("client_blocks", s.get("blocks")) if ld.kind == "memlend" else s.get("curr_items")
         ld.lender_blocks = n if isinstance(n, int) else None
 
     # ---- exposition, shutdown -------------------------------------------------------
