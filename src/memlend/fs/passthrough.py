@@ -602,8 +602,8 @@ class Passthrough(Operations):
         if h.append:  # pwrite ignores the offset on O_APPEND files
             end = os.fstat(h.fd).st_size
             offset = end - n
-        self.stats.writes += 1
-        self.stats.write_bytes += n
+        self.stats.add("writes")
+        self.stats.add("write_bytes", n)
         self._refresh_after_write(h, offset, offset + n)
         return n
 

@@ -116,7 +116,7 @@ class ReadAhead:
             if w.nbytes >= 0 and w.version == state.version:
                 lo = offset - start
                 result = [w.view[lo : min(lo + size, w.nbytes)]]
-                self.stats.local_misses += 1
+                self.stats.add("local_misses")
         nxt = ahead[-1].offset + wsize if ahead else start + wsize
         while len(ahead) <= DEPTH and nxt < state.size:
             self._start(fd, state, nxt, wsize, stream)
@@ -144,8 +144,8 @@ class ReadAhead:
             w.ready.set()
         if w.nbytes <= 0:
             return
-        self.stats.disk_reads += 1
-        self.stats.disk_read_bytes += w.nbytes
+        self.stats.add("disk_reads")
+        self.stats.add("disk_read_bytes", w.nbytes)
         first = w.offset >> self.shift
         with self.cache.lock:
             if state.version != w.version:
