@@ -165,6 +165,11 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         "(default) while they deliver a block faster than the disk, as measured; always, "
         "even when the disk is faster (spares a metered disk's IOPS)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 (docs/operations.md)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -194,6 +199,7 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         remote_deadline=args.remote_deadline / 1000,
         remote_mode=args.remote_mode,
         lender_streams=args.lender_streams,
+        metrics=args.metrics,
     )
     return check_config(cfg)
 
@@ -439,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lender_cli.run_genkey)
 
     p = sub.add_parser("lend", help="lend this machine's spare memory to memlend mounts")
-    lender_cli.add_lend_arguments(p, default_policy=DEFAULT_POLICY)
+    lender_cli.add_lend_arguments(p)
     p.set_defaults(func=lender_cli.run_lend)
 
     p = sub.add_parser(

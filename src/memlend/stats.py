@@ -40,6 +40,7 @@ class MountStats:
     mmap_allowed: bool = False
     resident_blocks: int = 0
     started: float = 0.0
+    metrics: str = ""  # ADDR:PORT the Prometheus endpoint listens on, if any
     counters: Counters = field(default_factory=Counters, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:

@@ -829,6 +829,8 @@ class RemoteTier:
             out["remote_queued_blocks"] = len(self._pending) + len(self._inflight)
             out["remote_queued_bytes"] = self._pending_bytes + self._inflight_bytes
             out["remote_known_blocks"] = len(self._known)
+        out["remote_queue_capacity_bytes"] = min(self.queue_bytes, 1 << 62)
+        out["remote_queue_capacity_blocks"] = self.queue_blocks
         out["remote_latency_us"] = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
         # Cumulative, as Prometheus wants: counts of round trips <= each bound (then all).
         per = [
