@@ -363,6 +363,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
             raise UserError("give a MOUNTPOINT or --lender, not both")
         if not args.secret_file:
             raise UserError("--lender needs --secret-file")
+        if args.watch:
+            return _watch(f"memlend lender {args.lender}", args,
+                          lambda: lender_stats(args.lender, args.secret_file))  # fmt: skip
         stats = lender_stats(args.lender, args.secret_file)
         if args.json:
             print(json.dumps(stats, indent=2))
@@ -373,6 +376,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     if not args.mountpoint:
         raise UserError("which mount? give a MOUNTPOINT (or --lender HOST:PORT)")
+    if args.watch:
+        return _watch(f"memlend {args.mountpoint}", args, lambda: read_stats(args.mountpoint))
     stats = read_stats(args.mountpoint)
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -381,6 +386,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     stats_table(stats)
     return 0
+
+
+def _watch(title: str, args: argparse.Namespace, read) -> int:
+    from memlend.watch import watch
+
+    if args.json:
+        raise UserError("--watch draws a table: use --json alone for one JSON object")
+    if args.count is not None and args.count < 1:
+        raise UserError("--count must be 1 or more")
+    if args.interval <= 0:
+        raise UserError("--interval must be positive")
+    read()  # a wrong mountpoint or lender: one line, before the screen is taken
+    return watch(title, read, interval=args.interval, count=args.count)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -435,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lender", metavar="HOST:PORT", help="ask this lender instead of a mount")
     p.add_argument("--secret-file", metavar="PATH", help="the lender's secret (with --lender)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--watch", action="store_true", help="redraw every second, with rates (Ctrl-C ends)"
+    )
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N redraws")
     p.set_defaults(func=cmd_stats)
 
     from memlend import sim
