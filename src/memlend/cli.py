@@ -401,6 +401,16 @@ def _watch(title: str, args: argparse.Namespace, read) -> int:
     return watch(title, read, interval=args.interval, count=args.count)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from memlend.doctor import run_checks
+
+    failed = False
+    for state, what, detail in run_checks(args.backing, args.lender, args.secret_file):
+        print(f"{state:<4}  {what}: {detail}", flush=True)
+        failed |= state == "FAIL"
+    return 1 if failed else 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from memlend import sim
 
@@ -459,6 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N redraws")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this host for memlend, one line per check",
+        description="Checks FUSE (a real handshake in a temporary mount: protocol version "
+        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, O_DIRECT "
+        "on each --backing directory, and that each --lender is reachable and accepts "
+        "--secret-file. Exit status 1 if a check fails.",
+    )
+    p.add_argument("--backing", action="append", default=[], metavar="DIR",
+                   help="a backing directory to check for O_DIRECT (repeatable)")  # fmt: skip
+    p.add_argument("--lender", action="append", default=[], metavar="URL",
+                   help="memlend://HOST:PORT or memcached://HOST:PORT (repeatable)")  # fmt: skip
+    p.add_argument("--secret-file", metavar="PATH", help="the lenders' shared secret")
+    p.set_defaults(func=cmd_doctor)
 
     from memlend import sim
     from memlend.lender import cli as lender_cli

@@ -74,7 +74,8 @@ def unmount_dead(mountpoint: str) -> None:
         unmount(mountpoint, lazy=True)
 
 
-def _user_allow_other() -> bool:
+def user_allow_other() -> bool:
+    """Does /etc/fuse.conf let non-root users mount with allow_other?"""
     try:
         with open("/etc/fuse.conf") as f:
             return any(line.strip() == "user_allow_other" for line in f)
@@ -86,7 +87,7 @@ def mount(mountpoint: str, fsname: str, *, max_read: int, allow_other: bool = Tr
     """Mount a FUSE file system at `mountpoint`; return the /dev/fuse descriptor."""
     st = os.stat(mountpoint)
     options = ["default_permissions"]
-    if allow_other and (os.geteuid() == 0 or _user_allow_other()):
+    if allow_other and (os.geteuid() == 0 or user_allow_other()):
         options.append("allow_other")
     if os.geteuid() == 0:
         return _mount_as_root(mountpoint, fsname, st.st_mode, options, max_read)
