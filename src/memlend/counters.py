@@ -14,6 +14,7 @@ Keys are a name, or (name, label) for a labelled family such as per-lender hits.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from collections.abc import Hashable
 
 Key = Hashable
@@ -28,7 +29,7 @@ class Counters:
         self._lock = threading.Lock()  # only to register a new thread's shard
 
     def _shard(self) -> dict[Key, float]:
-        shard: dict[Key, float] = {}
+        shard: dict[Key, float] = defaultdict(int)  # `+=` without a .get() call
         self._local.shard = shard
         with self._lock:
             self._shards.append(shard)  # kept after the thread ends: its counts stay
@@ -39,7 +40,7 @@ class Counters:
             shard = self._local.shard
         except AttributeError:
             shard = self._shard()
-        shard[key] = shard.get(key, 0) + n
+        shard[key] += n
 
     def snapshot(self) -> dict[Key, float]:
         """Every counter's total so far."""

@@ -43,6 +43,10 @@ class MountStats:
     metrics: str = ""  # ADDR:PORT the Prometheus endpoint listens on, if any
     counters: Counters = field(default_factory=Counters, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # The hot path's one call: add() is the registry's own bound method.
+        self.add = self.counters.add  # type: ignore[method-assign]
+
     def add(self, name: str, n: int = 1) -> None:
         self.counters.add(name, n)
 
