@@ -254,3 +254,20 @@ def test_a_stopped_lender_is_suspended_then_resumed(lenders, secret) -> None:
             os.kill(proc.pid, signal.SIGCONT)
         wait_for(lambda: state(tier) == "active", 5, "the lender resumed")
         assert tier.get_many(list(data)) == data
+
+
+def test_latency_histogram_counts_each_answered_round_trip(lenders, secret) -> None:
+    _, port = lenders()
+    url = f"memlend://127.0.0.1:{port}"
+    with RemoteTier([url], secret, SEAL, deadline=0.5, **LOOSE) as tier:
+        data = blocks(10)
+        put_all(tier, data)
+        for k, v in data.items():  # 10 round trips of one block
+            assert tier.get_one(k) == v
+        assert tier.get_many(list(data)) == data  # and one of ten
+        s = tier.snapshot()
+        h = s["remote_latency_histogram"]
+        assert h["cumulative"][-1] == 11 and h["cumulative"] == sorted(h["cumulative"])
+        assert len(h["cumulative"]) == len(h["le"]) + 1
+        assert 0 < h["sum_seconds"] < 11 * 0.5
+        assert s["remote_hits"] == 20 and s["lenders"][0]["hits"] == 20

@@ -175,6 +175,11 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         help="mount even if MOUNTPOINT has entries (they are hidden while mounted); "
         "without it a non-empty mountpoint is refused",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 (docs/operations.md)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", metavar="PATH", help="daemon log (default under /run/memlend)")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -206,6 +211,7 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         remote_deadline=args.remote_deadline / 1000,
         remote_mode=args.remote_mode,
         lender_streams=args.lender_streams,
+        metrics=args.metrics,
     )
     return check_config(cfg)
 
@@ -373,6 +379,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
             raise UserError("give a MOUNTPOINT or --lender, not both")
         if not args.secret_file:
             raise UserError("--lender needs --secret-file")
+        if args.watch:
+            return _watch(f"memlend lender {args.lender}", args,
+                          lambda: lender_stats(args.lender, args.secret_file))  # fmt: skip
         stats = lender_stats(args.lender, args.secret_file)
         if args.json:
             print(json.dumps(stats, indent=2))
@@ -383,6 +392,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     if not args.mountpoint:
         raise UserError("which mount? give a MOUNTPOINT (or --lender HOST:PORT)")
+    if args.watch:
+        return _watch(f"memlend {args.mountpoint}", args, lambda: read_stats(args.mountpoint))
     stats = read_stats(args.mountpoint)
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -391,6 +402,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     stats_table(stats)
     return 0
+
+
+def _watch(title: str, args: argparse.Namespace, read) -> int:
+    from memlend.watch import watch
+
+    if args.json:
+        raise UserError("--watch draws a table: use --json alone for one JSON object")
+    if args.count is not None and args.count < 1:
+        raise UserError("--count must be 1 or more")
+    if args.interval <= 0:
+        raise UserError("--interval must be positive")
+    read()  # a wrong mountpoint or lender: one line, before the screen is taken
+    return watch(title, read, interval=args.interval, count=args.count)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from memlend.doctor import run_checks
+
+    failed = False
+    for state, what, detail in run_checks(args.backing, args.lender, args.secret_file):
+        print(f"{state:<4}  {what}: {detail}", flush=True)
+        failed |= state == "FAIL"
+    return 1 if failed else 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -450,7 +484,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lender", metavar="HOST:PORT", help="ask this lender instead of a mount")
     p.add_argument("--secret-file", metavar="PATH", help="the lender's secret (with --lender)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--watch", action="store_true", help="redraw every second, with rates (Ctrl-C ends)"
+    )
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N redraws")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this host for memlend, one line per check",
+        description="Checks FUSE (a real handshake in a temporary mount: protocol version "
+        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, O_DIRECT "
+        "on each --backing directory, and that each --lender is reachable and accepts "
+        "--secret-file. Exit status 1 if a check fails.",
+    )
+    p.add_argument("--backing", action="append", default=[], metavar="DIR",
+                   help="a backing directory to check for O_DIRECT (repeatable)")  # fmt: skip
+    p.add_argument("--lender", action="append", default=[], metavar="URL",
+                   help="memlend://HOST:PORT or memcached://HOST:PORT (repeatable)")  # fmt: skip
+    p.add_argument("--secret-file", metavar="PATH", help="the lenders' shared secret")
+    p.set_defaults(func=cmd_doctor)
 
     from memlend import sim
     from memlend.lender import cli as lender_cli
@@ -460,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lender_cli.run_genkey)
 
     p = sub.add_parser("lend", help="lend this machine's spare memory to memlend mounts")
-    lender_cli.add_lend_arguments(p, default_policy=DEFAULT_POLICY)
+    lender_cli.add_lend_arguments(p)
     p.set_defaults(func=lender_cli.run_lend)
 
     p = sub.add_parser(

@@ -1,13 +1,31 @@
-"""Counters of a running mount, and their exposition as JSON or a table."""
+"""A running mount's description and counters, as one dict for `memlend stats --json`
+and the Prometheus endpoint (memlend.metrics reads the same as_dict())."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+
+from memlend.counters import Counters
+
+# Monotonic counters, bumped from any thread through MountStats.add().
+COUNTERS = (
+    "local_hits",
+    "local_misses",
+    "disk_reads",
+    "disk_read_bytes",
+    "evictions",
+    "invalidated_blocks",
+    "writes",
+    "write_bytes",
+    "remote_hits",
+    "remote_misses",
+)
 
 
 @dataclass
 class MountStats:
-    """Counters are plain ints bumped under the cache lock (or by one thread)."""
+    """Settings and gauges are plain attributes (one writer each: the cache under its
+    lock, or the daemon at start); counters live in `counters` (memlend.counters)."""
 
     pid: int = 0
     backing: str = ""
@@ -20,18 +38,29 @@ class MountStats:
     local_tier: str = "memlend"
     writeback_cache: bool = False
     mmap_allowed: bool = False
-    local_hits: int = 0
-    local_misses: int = 0
-    disk_reads: int = 0
-    disk_read_bytes: int = 0
-    evictions: int = 0
     resident_blocks: int = 0
-    invalidated_blocks: int = 0
-    writes: int = 0
-    write_bytes: int = 0
-    remote_hits: int = 0
-    remote_misses: int = 0
-    started: float = field(default=0.0)
+    started: float = 0.0
+    metrics: str = ""  # ADDR:PORT the Prometheus endpoint listens on, if any
+    counters: Counters = field(default_factory=Counters, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The hot path's one call: add() is the registry's own bound method.
+        self.add = self.counters.add  # type: ignore[method-assign]
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counters.add(name, n)
+
+    def __getattr__(self, name: str) -> int:
+        # Reading a counter by name (tests, reports); only reached for non-fields.
+        if name in COUNTERS:
+            return int(self.counters.get(name))
+        raise AttributeError(name)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "counters"
+        }
+        totals = self.counters.snapshot()
+        for name in COUNTERS:
+            out[name] = int(totals.get(name, 0))
+        return out

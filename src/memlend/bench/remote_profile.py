@@ -207,14 +207,14 @@ def run(reads: int, work: Path, profile: bool) -> None:
         steps = get_one_steps(tier, keys)
         rows += [(f"   {name}", xs) for name, xs in zip(STEPS, steps, strict=True)]
         fd = os.open("/dev/zero", os.O_RDONLY)  # never read: every block is on the lender
-        h0 = tier.c["remote_hits"]
+        h0 = tier.snapshot()["remote_hits"]
 
         def remote_read() -> None:
             off = rng.randrange(BLOCKS) * BLOCK + rng.randrange(4) * 4096
             rp.read(fd, state, off, 4096)
 
         rows.append(("3. ReadPath.read, 4 KiB on the lender", _timed(remote_read, reads)))
-        hits = tier.c["remote_hits"] - h0
+        hits = tier.snapshot()["remote_hits"] - h0
         cache.on_evict = None
         hot = [b for b in range(BLOCKS) if cache.has((1 << 40) | b)][:64]
         rows.append(

@@ -68,7 +68,7 @@ class BlockCache:
         into out[lo:hi]; return the block's valid length, or -1 on a miss."""
         slot = self._index.get(key)
         if slot is None:
-            self.stats.local_misses += 1
+            self.stats.add("local_misses")
             return -1
         self.policy.touch(key)
         n = self._length[slot]
@@ -77,7 +77,7 @@ class BlockCache:
             hi = n
         if hi > lo:
             out[lo:hi] = self.arena.view[src + lo : src + hi]
-        self.stats.local_hits += 1
+        self.stats.add("local_hits")
         return n
 
     def copy_out(
@@ -105,8 +105,8 @@ class BlockCache:
                 lens.append(n)
                 hits += 1
             pos += bs
-        self.stats.local_hits += hits
-        self.stats.local_misses += len(lens) - hits
+        self.stats.add("local_hits", hits)
+        self.stats.add("local_misses", len(lens) - hits)
         return lens
 
     def insert(self, key: int, data: memoryview) -> None:
@@ -119,7 +119,7 @@ class BlockCache:
                     start = vslot * self.block_size
                     self.on_evict(victim, self.arena.view[start : start + self._length[vslot]])
                 self._forget(victim)
-                self.stats.evictions += 1
+                self.stats.add("evictions")
             slot = self.arena.alloc()
             if slot is None:  # only if the policy evicted nothing although full
                 raise RuntimeError("cache policy over capacity")
@@ -159,7 +159,7 @@ class BlockCache:
                 dropped += 1
                 if not self._per_file.get(file_id):
                     break
-        self.stats.invalidated_blocks += dropped
+        self.stats.add("invalidated_blocks", dropped)
         self.stats.resident_blocks = len(index)
         return dropped
 

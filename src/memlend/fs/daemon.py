@@ -66,6 +66,7 @@ class MountConfig:
     remote_deadline: float = 0.002
     remote_mode: str = "inclusive"
     lender_streams: str = "auto"  # or "always": streams ask lenders even when the disk is faster
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
 
 
 def seal_key_path() -> str:
@@ -164,6 +165,10 @@ def check_config(cfg: MountConfig) -> MountConfig:
 
     backing = os.path.realpath(cfg.backing)
     mnt = os.path.realpath(cfg.mountpoint)
+    if cfg.metrics is not None:
+        from memlend.metrics.endpoint import parse_metrics_address
+
+        parse_metrics_address(cfg.metrics)
     if not os.path.exists(backing):
         raise UserError(f"backing directory {cfg.backing} does not exist")
     if not os.path.isdir(backing):
@@ -341,6 +346,21 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
                             lender["state"])  # fmt: skip
         fs.attach_remote(tier)
         fs.reader.gate.always = cfg.lender_streams == "always"
+    endpoint = None
+    if cfg.metrics is not None:
+        from memlend.metrics.endpoint import MetricsEndpoint
+        from memlend.metrics.mount_collector import MountCollector
+
+        try:
+            endpoint = MetricsEndpoint(cfg.metrics)  # binds now: a port in use is one line
+        except UserError as e:
+            ready(str(e))
+            if tier is not None:
+                tier.close()
+            return 2
+        endpoint.start(MountCollector(fs.stats_snapshot))
+        stats.metrics = endpoint.address
+        log.info("metrics on http://%s/metrics", endpoint.address)
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -359,6 +379,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         fd = mount(cfg.mountpoint, f"memlend:{cfg.backing}", max_read=1 << 20)
     except MountError as e:
         ready(str(e))
+        if endpoint is not None:
+            endpoint.close()
         return 1
     # No AUTO_INVAL_DATA in the kernel tier: with it the kernel drops a file's whole
     # page cache whenever a fresh GETATTR shows a new mtime, and every write through
@@ -405,6 +427,8 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         _unmount_quietly(cfg.mountpoint)
         raise
     finally:
+        if endpoint is not None:
+            endpoint.close()
         fs.destroy()
         os.close(fd)
         if tier is not None:

@@ -50,7 +50,7 @@ class KernelReadPath(ReadPath):
         first, last = offset >> shift, (offset + size - 1) >> shift
         out = self.reply_buffer(size)
         count = last - first + 1
-        self.stats.local_misses += count  # every block here missed the page cache
+        self.stats.add("local_misses", count)  # every block here missed the page cache
         version = state.version  # before any read: see the module's docstring
         lens = [-1] * count
         remote = self.remote

@@ -620,8 +620,8 @@ class Passthrough(Operations):
         if h.append:  # pwrite ignores the offset on O_APPEND files
             end = os.fstat(h.fd).st_size
             offset = end - n
-        self.stats.writes += 1
-        self.stats.write_bytes += n
+        self.stats.add("writes")
+        self.stats.add("write_bytes", n)
         self._refresh_after_write(h, offset, offset + n)
         return n
 
@@ -693,14 +693,18 @@ class Passthrough(Operations):
 
     # ---- extended attributes ----------------------------------------------
 
+    def stats_snapshot(self) -> dict:
+        """Every counter and setting: `memlend stats --json` and the metrics endpoint."""
+        stats = self.stats.as_dict()
+        stats.update(inodes=len(self._inodes), inode_fds=self._fds.open_count(),
+                     inode_reopens=self._fds.reopened)  # fmt: skip
+        if self.remote is not None:
+            stats.update(self.remote.snapshot())
+        return stats
+
     def getxattr(self, nodeid: int, name: bytes) -> bytes:
         if nodeid == wire.ROOT_ID and name == STATS_XATTR:
-            stats = self.stats.as_dict()
-            stats.update(inodes=len(self._inodes), inode_fds=self._fds.open_count(),
-                         inode_reopens=self._fds.reopened)  # fmt: skip
-            if self.remote is not None:
-                stats.update(self.remote.snapshot())
-            return json.dumps(stats).encode()
+            return json.dumps(self.stats_snapshot()).encode()
         return os.getxattr(_proc(self._inode(nodeid).fd), name)
 
     def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int) -> None:

@@ -198,8 +198,8 @@ class ReadPath:
         n = os.preadv(fd, [into], offset)
         if buffered:  # no O_DIRECT here: keep the page cache from holding a copy
             os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-        self.stats.disk_reads += 1
-        self.stats.disk_read_bytes += n
+        self.stats.add("disk_reads")
+        self.stats.add("disk_read_bytes", n)
         return n
 
     def _fill_one(

@@ -129,7 +129,7 @@ class ReadAhead:
             if w.nbytes >= 0 and w.version == state.version:
                 lo = offset - start
                 result = [w.view[lo : min(lo + size, w.nbytes)]]
-                self.stats.local_misses += 1
+                self.stats.add("local_misses")
         nxt = ahead[-1].offset + wsize if ahead else start + wsize
         while len(ahead) <= DEPTH and nxt < state.size:
             self._start(fd, state, nxt, wsize, stream)

@@ -131,6 +131,8 @@ class Session:
         if type(self.ops).kill_suidgid is not Operations.kill_suidgid:
             wanted |= wire.HANDLE_KILLPRIV_V2  # the file system clears set-ID bits
         granted = offered & wanted
+        self.kernel_proto = (major, minor)  # what the kernel speaks (memlend doctor)
+        self.kernel_flags = offered
         self.writeback_cache = bool(granted & wire.WRITEBACK_CACHE)
         self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
         self.proto_minor = min(minor, wire.OUR_MAX_MINOR)

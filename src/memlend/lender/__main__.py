@@ -9,10 +9,14 @@ from memlend.errors import UserError
 from memlend.lender.cli import add_lend_arguments, run_lend
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m memlend.lender")
     add_lend_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return run_lend(args)
     except UserError as e:

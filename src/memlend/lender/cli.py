@@ -16,7 +16,9 @@ from memlend.errors import UserError
 from memlend.service import notify, setup_logging
 from memlend.sizes import parse_size
 
-DEFAULT_POLICY = "s3fifo"  # memlend.cli.DEFAULT_POLICY; cli passes its own to be sure
+# The lender's own default (docs/remote.md), not the mount's: `memlend lend` and
+# `python -m memlend.lender` both take it from here.
+DEFAULT_POLICY = "s3fifo"
 DEFAULT_BLOCK = "16K"  # the mount's default block size: one block per slot
 
 
@@ -39,15 +41,16 @@ def run_genkey(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_lend_arguments(
-    parser: argparse.ArgumentParser, default_policy: str = DEFAULT_POLICY
-) -> None:
+def add_lend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Lend this machine's spare memory to memlend mounts elsewhere. Stores clean, "
         "sealed blocks for authenticated clients, at most --memory of them (a hard limit, "
         "bookkeeping included), and gives memory back to this host within a second when "
         "its available memory falls below --reserve."
     )
+    from memlend import __version__
+
+    parser.add_argument("--version", action="version", version=f"memlend {__version__}")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve")
     parser.add_argument("--memory", required=True, metavar="SIZE", help="memory to lend, e.g. 2G")
     who = parser.add_mutually_exclusive_group(required=True)
@@ -81,9 +84,9 @@ def add_lend_arguments(
     )
     parser.add_argument(
         "--policy",
-        default=default_policy,
+        default=DEFAULT_POLICY,
         metavar="NAME",
-        help=f"replacement policy (default {default_policy})",
+        help=f"replacement policy (default {DEFAULT_POLICY})",
     )
     parser.add_argument(
         "--client-quota",
@@ -108,6 +111,11 @@ def add_lend_arguments(
         "request without a wake-up (default 200: a remote hit through a mount took 84 "
         "instead of 138 µs with 50, docs/benchmarks.md), at the price of lender CPU "
         "while clients are busy; it pauses when spins stop catching requests; 0 disables",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9401 (docs/operations.md)",
     )
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     parser.add_argument(
@@ -204,6 +212,11 @@ def run_lend(args: argparse.Namespace) -> int:
             f"--memory {args.memory} ({_gib(memory)}): {e.strerror}; "
             f"this host has {_gib(host_memory)}"
         ) from None
+    endpoint = None
+    if args.metrics:
+        from memlend.metrics.endpoint import MetricsEndpoint
+
+        endpoint = MetricsEndpoint(args.metrics)  # bound before the fork: errors reach the user
     sock = _bind(args.listen)
     host, port = sock.getsockname()[:2]
 
@@ -215,6 +228,8 @@ def run_lend(args: argparse.Namespace) -> int:
             # The socket listens already: a Type=notify unit may go on, watching the child.
             notify(f"READY=1\nMAINPID={pid}")
             print(f"memlend lend: listening on {host}:{port} (pid {pid}, log {log_file})")
+            if endpoint is not None:
+                print(f"memlend lend: metrics on http://{endpoint.address}/metrics")
             return 0
         os.setsid()
         _redirect(log_file, daemon=True)
@@ -240,6 +255,10 @@ def run_lend(args: argparse.Namespace) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
+    if endpoint is not None:
+        from memlend.metrics.lender_collector import LenderCollector
+
+        endpoint.start(LenderCollector(server.stats, store.blocks_per_client))
     logging.getLogger("memlend.lender").info(
         "lending %d MiB (%d slots of %d KiB) on %s:%d, reserve %d MiB, policy %s",
         memory >> 20,
@@ -253,9 +272,13 @@ def run_lend(args: argparse.Namespace) -> int:
     if args.foreground:
         print(f"memlend lend: listening on {host}:{port}", flush=True)
         notify("READY=1")
+        if endpoint is not None:
+            print(f"memlend lend: metrics on http://{endpoint.address}/metrics", flush=True)
     try:
         server.serve_forever()
     finally:
+        if endpoint is not None:
+            endpoint.close()  # before the store's arena goes: no scrape reads a closed one
         store.close()
     return 0
 

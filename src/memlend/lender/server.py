@@ -419,7 +419,8 @@ class LenderServer:
 
     def stats(self) -> dict:
         s = self.store.stats()
-        s["clients"] = sum(1 for c in self.clients.values() if c.conn.authenticated)
+        # list(): callable from the metrics thread while the loop adds clients.
+        s["clients"] = sum(1 for c in list(self.clients.values()) if c.conn.authenticated)
         s["connections"] = len(self.clients)
         s["auth_failures"] = self.auth_failures
         s["protocol_errors"] = self.protocol_errors

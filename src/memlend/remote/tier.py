@@ -57,10 +57,12 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from memlend.counters import Counters
 from memlend.remote import protocol as p
 from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, parse_address
 from memlend.remote.health import ACTIVE, DOWN, LenderHealth
@@ -77,6 +79,9 @@ DROP_LOG_EVERY = 10.0  # seconds: at most one log line about dropped puts per th
 ROOM_WAIT = 0.05  # seconds a reader waits at most for room in the put queue
 
 MODES = ("inclusive", "exclusive")
+# Upper bounds (seconds) of the lender round-trip histogram: a remote hit takes
+# ~80-140 µs on a LAN; the deadline is 2 ms by default and at most 50 ms.
+LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3)
 # A pooled connection unused this long is closed rather than used: the lender may
 # have closed it (--idle-timeout, 300 s by default), and a read must not find out.
 POOL_IDLE = 60.0
@@ -143,12 +148,17 @@ class _Lender:
         # The put thread's and the prober's own connections, with the health
         # generation they were opened in (a stale one is replaced, not used).
         self._own: dict[str, tuple[Client, int]] = {}
-        self.hits = 0
-        self.misses = 0
-        self.put_blocks = 0
-        self.dropped_puts = 0
         self.lender_blocks: int | None = None
         self.warned_size = False
+
+    # Per-lender counters live in the tier's registry, labelled with the URL.
+    def _counter(self, name: str) -> int:
+        return int(self.tier.counters.get((name, self.url)))
+
+    hits = property(lambda self: self._counter("lender_hits"))
+    misses = property(lambda self: self._counter("lender_misses"))
+    put_blocks = property(lambda self: self._counter("lender_put_blocks"))
+    dropped_puts = property(lambda self: self._counter("lender_dropped_puts"))
 
     def connect(self, timeout: float) -> Client:
         t = self.tier
@@ -275,7 +285,6 @@ class RemoteTier:
         self.suspend_single = suspend_single
         self.busy_poll_us = busy_poll_us
         self.pool_size = pool_size
-        self._stats = stats
         # A fresh sealing key per run (and per SEALS_PER_KEY seals): blocks lent by an
         # earlier run fail to open, which is a miss.
         self._sealer = RunSealer(seal_secret, epoch or os.urandom(8), seals_per_key)
@@ -286,23 +295,21 @@ class RemoteTier:
             raise ValueError("memlend:// lenders need the auth secret")
         self._placement = Rendezvous([ld.url for ld in self.lenders])
 
-        # Counters: bumped under _clock (never held across I/O).
-        self._clock = threading.Lock()
-        self.c: dict[str, int] = dict.fromkeys(
-            (
-                "remote_hits",
-                "remote_misses",
-                "remote_queue_hits",
-                "remote_put_blocks",
-                "remote_put_skipped",
-                "remote_dropped_puts",
-                "remote_errors",
-                "remote_timeouts",
-                "seal_failures",
-                "remote_deletes",
-                "remote_dropped_deletes",
-            ),
-            0,
+        # Counters: the mount's registry (memlend.counters: per-thread, no lock), so
+        # `memlend stats` and the metrics endpoint see one set of numbers.
+        self.counters = stats.counters if stats is not None else Counters()
+        self.counter_names = (
+            "remote_hits",
+            "remote_misses",
+            "remote_queue_hits",
+            "remote_put_blocks",
+            "remote_put_skipped",
+            "remote_dropped_puts",
+            "remote_errors",
+            "remote_timeouts",
+            "seal_failures",
+            "remote_deletes",
+            "remote_dropped_deletes",
         )
         self._latencies: deque[float] = deque(maxlen=latency_window)
 
@@ -332,9 +339,16 @@ class RemoteTier:
     # ---- counters ---------------------------------------------------------------------
 
     def _count(self, **kw: int) -> None:
-        with self._clock:
-            for k, v in kw.items():
-                self.c[k] += v
+        add = self.counters.add
+        for k, v in kw.items():
+            add(k, v)
+
+    def _observe(self, seconds: float) -> None:
+        """One lender round trip, for the latency percentiles and the histogram."""
+        self._latencies.append(seconds)
+        add = self.counters.add
+        add(("remote_latency_bucket", bisect_left(LATENCY_BUCKETS, seconds)))
+        add("remote_latency_sum", seconds)
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -383,28 +397,24 @@ class RemoteTier:
                 elapsed = time.monotonic() - t0
                 ld.health.ok(elapsed)
                 ld.release(c, gen)  # back in the pool: another worker may take it now
-                self._latencies.append(elapsed)
+                self._observe(elapsed)
                 if blob is not None:
                     try:
                         data = self._sealer.open(key, blob)
                     except SealError:
                         bad = 1
         hit = data is not None
-        with self._clock:
-            c = self.c
-            c["remote_hits" if hit else "remote_misses"] += 1
-            c["seal_failures"] += bad
-            c["remote_errors"] += errors
-            if hit:
-                ld.hits += 1
-            else:
-                ld.misses += 1
-            st = self._stats
-            if st is not None:
-                if hit:
-                    st.remote_hits += 1
-                else:
-                    st.remote_misses += 1
+        add = self.counters.add
+        if hit:
+            add("remote_hits")
+            add(("lender_hits", ld.url))
+        else:
+            add("remote_misses")
+            add(("lender_misses", ld.url))
+        if bad:
+            add("seal_failures")
+        if errors:
+            add("remote_errors")
         if self.mode == "exclusive":
             if hit:
                 self._delete_later([key])
@@ -426,8 +436,7 @@ class RemoteTier:
         found: dict[bytes, bytes] = {}
         if not keys:
             return found
-        # (lender, hits, misses) of this call, counted under one lock at the end: this
-        # is the hot path of every remote hit, so it takes _clock once, not per step.
+        # (lender, hits, misses) of this call, counted at the end.
         tally: list[tuple[_Lender, int, int]] = []
         errors = 0
         try:
@@ -435,18 +444,14 @@ class RemoteTier:
         except Exception:  # invariant 2: never fail an application call
             errors = 1
         hits, misses = len(found), len(keys) - len(found)
-        with self._clock:
-            c = self.c
-            c["remote_hits"] += hits
-            c["remote_misses"] += misses
-            c["remote_errors"] += errors
-            for ld, h, m in tally:
-                ld.hits += h
-                ld.misses += m
-            st = self._stats
-            if st is not None:
-                st.remote_hits += hits
-                st.remote_misses += misses
+        add = self.counters.add
+        add("remote_hits", hits)
+        add("remote_misses", misses)
+        if errors:
+            add("remote_errors", errors)
+        for ld, h, m in tally:
+            add(("lender_hits", ld.url), h)
+            add(("lender_misses", ld.url), m)
         return found
 
     def _get_many(
@@ -514,7 +519,7 @@ class RemoteTier:
             elapsed = time.monotonic() - t0
             ld.health.ok(elapsed)
             ld.release(c, gen)
-            self._latencies.append(elapsed)
+            self._observe(elapsed)
             n = 0
             for k, blob in zip(ks, values, strict=True):
                 if blob is not None:
@@ -610,7 +615,7 @@ class RemoteTier:
         `data` is copied unless it is `bytes` (an arena slot is reused at once)."""
         with self._qlock:
             if key in self._known:
-                self.c["remote_put_skipped"] += 1
+                self.counters.add("remote_put_skipped")
                 return
             pending = self._pending
             if (
@@ -619,7 +624,7 @@ class RemoteTier:
                 or self._pending_bytes + self._inflight_bytes + len(data) > self.queue_bytes
                 or not 0 < len(key) <= p.MAX_KEY_LEN
             ):
-                self.c["remote_dropped_puts"] += 1
+                self.counters.add("remote_dropped_puts")
                 return
             if key in pending:
                 self._pending_bytes -= len(pending[key])
@@ -658,7 +663,7 @@ class RemoteTier:
         with self._qlock:
             room = self.queue_blocks - len(self._deletes)
             if room < len(keys):
-                self.c["remote_dropped_deletes"] += len(keys) - max(room, 0)
+                self.counters.add("remote_dropped_deletes", len(keys) - max(room, 0))
                 keys = keys[: max(room, 0)]
             self._deletes.extend(keys)
         self._wake.set()
@@ -710,7 +715,7 @@ class RemoteTier:
         """Say in the log, at most once per `every` seconds, that puts were dropped: a
         block not lent is a future disk read, and the count alone is easy to miss."""
         logged, when = self._drops_logged
-        dropped, now = self.c["remote_dropped_puts"], time.monotonic()
+        dropped, now = int(self.counters.get("remote_dropped_puts")), time.monotonic()
         if dropped > logged and now - when >= every:
             self._drops_logged = (dropped, now)
             states = ", ".join(f"{ld.url} {ld.health.state}" for ld in self.lenders)
@@ -728,8 +733,7 @@ class RemoteTier:
         for idx, ks in groups.items():
             ld = self.lenders[idx]
             if not ld.health.active:
-                ld.dropped_puts += len(ks)  # only this thread writes put counters
-                self._count(remote_dropped_puts=len(ks))
+                self._put_counts(ld, 0, len(ks))
                 continue
             for i in range(0, len(ks), self.batch):
                 chunk = ks[i : i + self.batch]
@@ -741,13 +745,17 @@ class RemoteTier:
                     stored = c.put_many(items)
                 except Exception as e:
                     lost = len(ks) - i
-                    ld.dropped_puts += lost
-                    self._count(remote_dropped_puts=lost)
+                    self._put_counts(ld, 0, lost)
                     self._fault(ld, e, time.monotonic() - t)
                     break
-                ld.put_blocks += stored
-                ld.dropped_puts += len(chunk) - stored  # refused by the lender
-                self._count(remote_put_blocks=stored, remote_dropped_puts=len(chunk) - stored)
+                self._put_counts(ld, stored, len(chunk) - stored)  # the rest: refused
+
+    def _put_counts(self, ld: _Lender, sent: int, dropped: int) -> None:
+        add = self.counters.add
+        add("remote_put_blocks", sent)
+        add(("lender_put_blocks", ld.url), sent)
+        add("remote_dropped_puts", dropped)
+        add(("lender_dropped_puts", ld.url), dropped)
 
     @staticmethod
     def _check_fits(ld: _Lender, c: Client, items: list[tuple[bytes, bytes]]) -> None:
@@ -863,8 +871,8 @@ class RemoteTier:
     # ---- exposition, shutdown -------------------------------------------------------
 
     def snapshot(self) -> dict:
-        with self._clock:
-            out: dict[str, Any] = dict(self.c)
+        totals = self.counters.snapshot()
+        out: dict[str, Any] = {k: int(totals.get(k, 0)) for k in self.counter_names}
         lat = sorted(self._latencies)
 
         def pct(q: float) -> int:
@@ -874,7 +882,20 @@ class RemoteTier:
             out["remote_queued_blocks"] = len(self._pending) + len(self._inflight)
             out["remote_queued_bytes"] = self._pending_bytes + self._inflight_bytes
             out["remote_known_blocks"] = len(self._known)
+        out["remote_queue_capacity_bytes"] = min(self.queue_bytes, 1 << 62)
+        out["remote_queue_capacity_blocks"] = self.queue_blocks
         out["remote_latency_us"] = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
+        # Cumulative, as Prometheus wants: counts of round trips <= each bound (then all).
+        per = [
+            int(totals.get(("remote_latency_bucket", i), 0))
+            for i in range(len(LATENCY_BUCKETS) + 1)
+        ]
+        cum = [sum(per[: i + 1]) for i in range(len(per))]
+        out["remote_latency_histogram"] = {
+            "le": list(LATENCY_BUCKETS),
+            "cumulative": cum,
+            "sum_seconds": float(totals.get("remote_latency_sum", 0.0)),
+        }
         out["remote_mode"] = self.mode
         out["remote_deadline_us"] = int(self.deadline * 1e6)
         out["remote_min_deadline_us"] = int(self.min_deadline * 1e6)

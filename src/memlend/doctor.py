@@ -1,0 +1,139 @@
+"""`memlend doctor`: checks the host, one line per check ("ok", "warn" or "FAIL").
+
+Exit status 1 if any check fails. The FUSE check mounts an empty file system in a
+temporary directory for the INIT handshake and unmounts it at once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from memlend.fuse import wire
+
+Check = tuple[str, str, str]  # (ok | warn | FAIL, what, detail)
+
+# The INIT flags memlend asks for, and what it does without each.
+FLAGS = {
+    "ASYNC_READ": (wire.ASYNC_READ, "reads are serialized"),
+    "BIG_WRITES": (wire.BIG_WRITES, "writes of one page at a time"),
+    "MAX_PAGES": (wire.MAX_PAGES, "requests of at most 128 KiB"),
+    "PARALLEL_DIROPS": (wire.PARALLEL_DIROPS, "lookups in one directory serialized"),
+    "AUTO_INVAL_DATA": (wire.AUTO_INVAL_DATA, "changes below the mount seen later"),
+    "WRITEBACK_CACHE": (wire.WRITEBACK_CACHE, "no --writeback-cache"),
+    "DIRECT_IO_ALLOW_MMAP": (wire.DIRECT_IO_ALLOW_MMAP, "no shared mmap with --local-tier memlend"),
+    "HANDLE_KILLPRIV_V2": (wire.HANDLE_KILLPRIV_V2, "the kernel clears set-ID bits itself"),
+}
+
+
+def check_fuse() -> Check:
+    from memlend.fuse.api import Operations
+    from memlend.fuse.mount import MountError, mount, unmount
+    from memlend.fuse.session import Session
+
+    if not os.path.exists("/dev/fuse"):
+        return ("FAIL", "fuse", "/dev/fuse is missing (modprobe fuse; in a container, pass it in)")
+    mnt = tempfile.mkdtemp(prefix="memlend-doctor-")
+    fd = -1
+    try:
+        fd = mount(mnt, "memlend:doctor", max_read=1 << 20)
+        session = Session(fd, Operations(), threads=1, writeback_cache=True)
+        session.handshake()
+        session.start()
+    except (MountError, OSError) as e:
+        return ("FAIL", "fuse", f"cannot mount a FUSE file system: {e}")
+    finally:
+        if fd >= 0:
+            try:
+                unmount(mnt)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    unmount(mnt, lazy=True)
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)
+    major, minor = session.kernel_proto
+    missing = [f"{n} ({why})" for n, (bit, why) in FLAGS.items() if not session.kernel_flags & bit]
+    detail = f"protocol {major}.{minor}; kernel offers {len(FLAGS) - len(missing)}/{len(FLAGS)}"
+    detail += " flags memlend asks for" + (f"; lacks {', '.join(missing)}" if missing else "")
+    return ("warn" if missing else "ok", "fuse", detail)
+
+
+def check_allow_other() -> Check:
+    from memlend.fuse.mount import user_allow_other
+
+    if os.geteuid() == 0:
+        return ("ok", "allow_other", "root: mounts are open to other users")
+    if user_allow_other():
+        return ("ok", "allow_other", "/etc/fuse.conf has user_allow_other")
+    return ("warn", "allow_other", "/etc/fuse.conf lacks user_allow_other: only you see mounts")
+
+
+def check_cgroups() -> Check:
+    root = "/sys/fs/cgroup"
+    if os.path.exists(f"{root}/cgroup.controllers"):
+        with open(f"{root}/cgroup.controllers") as f:
+            controllers = f.read().split()
+        state = "ok" if "memory" in controllers else "warn"
+        return (state, "cgroups", f"v2 (unified); controllers: {' '.join(controllers) or 'none'}")
+    if os.path.isdir(f"{root}/memory"):
+        return ("ok", "cgroups", "v1; memory controller at /sys/fs/cgroup/memory")
+    return ("warn", "cgroups", "no memory cgroup: the lender watches host memory only")
+
+
+def check_direct_io(backing: str) -> Check:
+    from memlend.fs.daemon import probe_direct_io
+
+    if not os.path.isdir(backing):
+        return ("FAIL", "O_DIRECT", f"{backing} is not a directory")
+    ok = probe_direct_io(backing)
+    if ok:
+        return ("ok", "O_DIRECT", f"{backing} accepts O_DIRECT")
+    if ok is False:
+        return ("warn", "O_DIRECT", f"{backing} refuses O_DIRECT: memlend reads it buffered")
+    return ("warn", "O_DIRECT", f"{backing}: cannot tell (no O_TMPFILE there, or not writable)")
+
+
+def check_lender(url: str, secret_file: str | None) -> Check:
+    import socket
+
+    from memlend.remote.client import LenderClient, parse_address
+    from memlend.remote.secret import auth_key, hkdf, load_secret
+    from memlend.remote.sockio import RemoteAuthError, RemoteError
+
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "memlend", url
+    what = f"lender {url}"
+    try:
+        host, port = parse_address(rest.rstrip("/"))
+    except ValueError as e:
+        return ("FAIL", what, str(e))
+    if scheme == "memcached":
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError as e:
+            return ("FAIL", what, f"unreachable: {e.strerror or e}")
+        return ("ok", what, "reachable (memcached: no authentication)")
+    if secret_file is None:
+        return ("FAIL", what, "needs --secret-file to authenticate")
+    secret = load_secret(secret_file)
+    try:
+        with LenderClient((host, port), auth_key(secret), hkdf(secret, b"stats", 16)) as c:
+            s = c.stats()
+    except RemoteAuthError as e:
+        return ("FAIL", what, f"reachable, authentication refused (another secret?): {e}")
+    except (RemoteError, OSError) as e:
+        return ("FAIL", what, f"unreachable: {e}")
+    return ("ok", what, f"reachable and authenticated; holds {s.get('blocks')} blocks")
+
+
+def run_checks(backing: list[str], lenders: list[str], secret_file: str | None) -> Iterator[Check]:
+    yield check_fuse()
+    yield check_allow_other()
+    yield check_cgroups()
+    for b in backing:
+        yield check_direct_io(b)
+    for url in lenders:
+        yield check_lender(url, secret_file)
