@@ -121,6 +121,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "remote_deadline": ("remote_deadline", _float(positive=True)),
         "remote_mode": ("remote_mode", _choice("inclusive", "exclusive")),
         "lender_streams": ("lender_streams", _choice("auto", "always")),
+        "client_name": ("client_name", _str),
+        "nonempty": ("nonempty", _bool),
+        "metrics": ("metrics", _str),
         "log_file": ("log_file", _str),
         "debug": ("debug", _bool),
     },
@@ -128,6 +131,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "listen": ("listen", _str),
         "memory": ("memory", _size),
         "secret_file": ("secret_file", _str),
+        "clients": ("clients", _str),
+        "metrics": ("metrics", _str),
         "reserve": ("reserve", _size),
         "block_size": ("block_size", _size),
         "policy": ("policy", _policy),
@@ -212,6 +217,9 @@ def apply(parser: argparse.ArgumentParser, section: dict[str, Any]) -> None:
         dest = SCHEMA_DEST[key]
         action = by_dest[dest]
         action.required = False
+        for group in parser._mutually_exclusive_groups:  # e.g. lend's --secret-file|--clients
+            if action in group._group_actions:
+                group.required = False
         if isinstance(action, argparse._AppendAction):
             # append would add the flags to the file's list; flags replace it instead
             parser.set_defaults(**{f"config_{dest}": value})
