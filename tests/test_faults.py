@@ -491,7 +491,7 @@ def test_backing_store_full_gives_enospc_and_loses_nothing(small_tmpfs, mount_fa
 # ---- a backing file truncated or replaced from outside while it is read ----------------
 
 
-def test_backing_file_truncated_or_replaced_while_read(mount_factory, local_tier) -> None:
+def test_backing_file_truncated_or_replaced_while_read(mount_factory) -> None:
     m = mount_factory("--cache-size", "2M", "--block-size", "16K")
     old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
     cut = 1 * MiB
@@ -548,11 +548,10 @@ def test_backing_file_truncated_or_replaced_while_read(mount_factory, local_tier
         return out
 
     # The replacement is a new file, which the old descriptor never sees (a local file
-    # system's rule). The truncation: with the kernel tier, once the attribute timeout
-    # (1 s) has passed, the open descriptor finds the end where the truncation put it,
-    # as on a local file system. memlend's own tier checks for outside changes at open
-    # only (close-to-open, DESIGN.md invariant 1): an open descriptor may go on
-    # reading the old bytes of blocks it has cached, or the end (docs/reliability.md).
+    # system's rule). The truncation: both tiers check for outside changes at open
+    # (close-to-open, DESIGN.md invariant 1), so an open descriptor may go on reading
+    # the old bytes of blocks cached (in the page cache or memlend's), or the new end
+    # (docs/reliability.md).
     settled = count(truncated + 1.1, replaced, beyond=True)
     phases = {
         "before": count(0, truncated, beyond=True),
@@ -562,10 +561,7 @@ def test_backing_file_truncated_or_replaced_while_read(mount_factory, local_tier
     }
     print(f"outside truncate + replace during reads: {phases}")
     assert settled, phases
-    if local_tier == "kernel":
-        assert set(settled) == {"short"}, phases
-    else:
-        assert set(settled) <= {"short", "old"}, phases
+    assert set(settled) <= {"short", "old"}, phases
     assert "new" not in phases["after the replace"], phases
     # A fresh open sees exactly what the backing store holds.
     time.sleep(1.1)  # the attribute timeout: the new file is learnt after it

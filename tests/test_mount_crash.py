@@ -64,10 +64,9 @@ def test_umount_removes_a_dead_mount(mount: Mount, open_file: bool) -> None:
         assert os.path.isdir(mount.mnt) and os.listdir(mount.mnt) == []
     finally:
         if fd >= 0:
-            # A file open in it made it busy (detached lazily); its close's FLUSH
-            # fails, the descriptor is closed all the same.
-            with pytest.raises(OSError):
-                os.close(fd)
+            # A file open in it made it busy (detached lazily). A read-only handle
+            # sends no FLUSH (FOPEN_NOFLUSH), so its close succeeds.
+            os.close(fd)
 
 
 def test_mount_over_a_dead_mount(mount: Mount, tmp_path: Path) -> None:
