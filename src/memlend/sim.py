@@ -406,6 +406,10 @@ def print_tables(runs: list[TraceRun], policies: list[str]) -> None:
     from rich.table import Table
 
     console = Console()
+    # Wide enough that no policy name wraps (a pipe gets 80 columns otherwise).
+    needed = 24 + sum(max(len(p), 6) + 3 for p in policies)
+    if console.width < needed:
+        console = Console(width=needed)
     for r in runs:
         table = Table(
             title=f"{r.trace}: {r.accesses:,} accesses, {r.unique_blocks:,} unique blocks",
@@ -414,7 +418,7 @@ def print_tables(runs: list[TraceRun], policies: list[str]) -> None:
         table.add_column("size", justify="right")
         table.add_column("blocks", justify="right")
         for p in policies:
-            table.add_column(p, justify="right")
+            table.add_column(p, justify="right", no_wrap=True)
         n = len(policies)
         for i, (spec, blocks) in enumerate(r.sizes):
             row = r.results[i * n : (i + 1) * n]

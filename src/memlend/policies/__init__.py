@@ -23,6 +23,8 @@ def register(cls: type[Policy]) -> type[Policy]:
 # with the index, RssAnon after reading two 2 GiB files at random and one in order
 # through a 400 MiB cache (docs/benchmarks.md, the testbed's daemon memory).
 _BOOKKEEPING = {"lru": 512, "sieve": 512, "arc": 640, "2q": 640, "s3fifo": 960, "lirs": 1920}
+_BOOKKEEPING["s3fifo-tuned"] = _BOOKKEEPING["s3fifo"]
+_BOOKKEEPING["lirs-tuned"] = _BOOKKEEPING["lirs"]  # 3x history, measured at 3x
 
 
 def bookkeeping_bytes(name: str) -> int:
@@ -41,4 +43,4 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 # Import for their registration side effect.
-from memlend.policies import arc, lirs, lru, s3fifo, sieve, twoq  # noqa: E402,F401
+from memlend.policies import arc, lirs, lru, s3fifo, s3fifo_tuned, sieve, twoq  # noqa: E402,F401
