@@ -23,7 +23,8 @@ from memlend.sizes import parse_size
 
 DEFAULT_CACHE = "256M"
 DEFAULT_BLOCK = "16K"  # docs/benchmarks.md: block size
-DEFAULT_POLICY = "lirs"  # docs/policies.md
+DEFAULT_POLICY = "auto"  # the mount's; docs/policies.md
+LENDER_POLICY = "lirs"  # the lender's default, unchanged by auto (docs/policies.md)
 DEFAULT_TIER = "kernel"  # docs/design-choices.md: the testbed's matrix
 
 
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lender_cli.run_genkey)
 
     p = sub.add_parser("lend", help="lend this machine's spare memory to memlend mounts")
-    lender_cli.add_lend_arguments(p, default_policy=DEFAULT_POLICY)
+    lender_cli.add_lend_arguments(p, default_policy=LENDER_POLICY)
     p.set_defaults(func=lender_cli.run_lend)
 
     p = sub.add_parser(

@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable
 
 from memlend.arena import Arena
-from memlend.policies import bookkeeping_bytes, make_policy
+from memlend.policies import make_policy, slots_within
 from memlend.stats import MountStats
 
 FILE_SHIFT = 40  # block numbers below 2**40: files up to 4 PiB at 4 KiB blocks
@@ -28,7 +28,7 @@ INDEX_BYTES = 128
 
 def slots_for(cache_size: int, block_size: int, policy: str) -> int:
     """How many blocks fit in `cache_size` bytes, bookkeeping included."""
-    return cache_size // (block_size + INDEX_BYTES + bookkeeping_bytes(policy))
+    return slots_within(cache_size, block_size + INDEX_BYTES, policy)
 
 
 class BlockCache:

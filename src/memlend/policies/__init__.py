@@ -25,11 +25,31 @@ def register(cls: type[Policy]) -> type[Policy]:
 _BOOKKEEPING = {"lru": 512, "sieve": 512, "arc": 640, "2q": 640, "s3fifo": 960, "lirs": 1920}
 _BOOKKEEPING["s3fifo-tuned"] = _BOOKKEEPING["s3fifo"]
 _BOOKKEEPING["lirs-tuned"] = _BOOKKEEPING["lirs"]  # 3x history, measured at 3x
+# auto: its active policy at worst (LIRS); the miniature caches come on top
+# (slots_within).
+_BOOKKEEPING["auto"] = _BOOKKEEPING["lirs"]
 
 
 def bookkeeping_bytes(name: str) -> int:
     """Upper estimate of the heap policy `name` uses per resident key."""
     return _BOOKKEEPING.get(name, 1536)
+
+
+def slots_within(budget: int, per_block: int, name: str) -> int:
+    """How many keys policy `name` can hold in `budget` bytes when each costs
+    `per_block` plus the policy's bookkeeping. `auto` also runs a miniature cache
+    per candidate: min(slots, MINI_BLOCKS) keys each, so its extra cost per key
+    stops growing at MINI_BLOCKS keys."""
+    n = budget // (per_block + bookkeeping_bytes(name))
+    if name != "auto":
+        return n
+    from memlend.policies.auto import CANDIDATES, MINI_BLOCKS
+
+    mini = sum(bookkeeping_bytes(c) for c in CANDIDATES)
+    n = budget // (per_block + bookkeeping_bytes(name) + mini)
+    if n > MINI_BLOCKS:
+        n = (budget - MINI_BLOCKS * mini) // (per_block + bookkeeping_bytes(name))
+    return max(0, n)
 
 
 def make_policy(name: str, capacity: int) -> Policy:
@@ -43,4 +63,4 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 # Import for their registration side effect.
-from memlend.policies import arc, lirs, lru, s3fifo, s3fifo_tuned, sieve, twoq  # noqa: E402,F401
+from memlend.policies import arc, auto, lirs, lru, s3fifo, s3fifo_tuned, sieve, twoq  # noqa: E402,F401

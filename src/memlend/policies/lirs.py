@@ -140,6 +140,21 @@ class LIRS(Policy):
             self._bound()
         return evicted
 
+    def forget(self, key: Hashable) -> None:
+        """Make resident `key` non-resident, keeping it in S as a ghost if it is
+        there: a later reference counts as a short reuse. (policies/auto.py uses it
+        when it takes over a shadow's state without that key's data.)"""
+        st = self._status.pop(key, None)
+        if st is None:
+            return
+        if st == _LIR:
+            self._nlir -= 1
+        else:
+            del self._q[key]
+        if key in self._s:
+            self._ghosts[key] = None
+        self._prune()
+
     def discard(self, key: Hashable) -> None:
         st = self._status.pop(key, None)
         if st is None:
