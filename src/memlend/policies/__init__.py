@@ -35,20 +35,33 @@ def bookkeeping_bytes(name: str) -> int:
     return _BOOKKEEPING.get(name, 1536)
 
 
-def slots_within(budget: int, per_block: int, name: str) -> int:
-    """How many keys policy `name` can hold in `budget` bytes when each costs
-    `per_block` plus the policy's bookkeeping. `auto` also runs a miniature cache
-    per candidate: min(slots, MINI_BLOCKS) keys each, so its extra cost per key
-    stops growing at MINI_BLOCKS keys."""
-    n = budget // (per_block + bookkeeping_bytes(name))
+def _mini_bytes_per_key(name: str) -> int:
+    """auto runs a miniature cache per candidate: their bookkeeping per key."""
     if name != "auto":
-        return n
-    from memlend.policies.auto import CANDIDATES, MINI_BLOCKS
+        return 0
+    from memlend.policies.auto import CANDIDATES
 
-    mini = sum(bookkeeping_bytes(c) for c in CANDIDATES)
-    n = budget // (per_block + bookkeeping_bytes(name) + mini)
-    if n > MINI_BLOCKS:
-        n = (budget - MINI_BLOCKS * mini) // (per_block + bookkeeping_bytes(name))
+    return sum(bookkeeping_bytes(c) for c in CANDIDATES)
+
+
+def extra_bytes(name: str, slots: int) -> int:
+    """Bookkeeping of policy `name` beyond bookkeeping_bytes per key: auto's
+    miniature caches hold min(slots, MINI_BLOCKS) keys each."""
+    mini = _mini_bytes_per_key(name)
+    if not mini:
+        return 0
+    from memlend.policies.auto import MINI_BLOCKS
+
+    return min(slots, MINI_BLOCKS) * mini
+
+
+def slots_within(budget: int, per_block: int, name: str) -> int:
+    """How many keys policy `name` holds in `budget` bytes when each also costs
+    `per_block`: the inverse of slots x (per_block + bookkeeping) + extra_bytes."""
+    per_key = per_block + bookkeeping_bytes(name)
+    n = budget // (per_key + _mini_bytes_per_key(name))
+    if extra_bytes(name, n + 1) == extra_bytes(name, n):  # past the miniature cap
+        n = (budget - extra_bytes(name, n)) // per_key
     return max(0, n)
 
 
