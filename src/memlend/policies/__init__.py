@@ -46,22 +46,24 @@ def _mini_bytes_per_key(name: str) -> int:
 
 def extra_bytes(name: str, slots: int) -> int:
     """Bookkeeping of policy `name` beyond bookkeeping_bytes per key: auto's
-    miniature caches hold min(slots, MINI_BLOCKS) keys each."""
+    miniature caches (policies.auto.mini_keys keys each)."""
     mini = _mini_bytes_per_key(name)
     if not mini:
         return 0
-    from memlend.policies.auto import MINI_BLOCKS
+    from memlend.policies.auto import mini_keys
 
-    return min(slots, MINI_BLOCKS) * mini
+    return mini_keys(slots) * mini
 
 
 def slots_within(budget: int, per_block: int, name: str) -> int:
     """How many keys policy `name` holds in `budget` bytes when each also costs
-    `per_block`: the inverse of slots x (per_block + bookkeeping) + extra_bytes."""
+    `per_block`: the largest n with n x (per_block + bookkeeping) + extra_bytes(n)
+    within the budget (extra_bytes grows with n, by less than a key's cost)."""
     per_key = per_block + bookkeeping_bytes(name)
-    n = budget // (per_key + _mini_bytes_per_key(name))
-    if extra_bytes(name, n + 1) == extra_bytes(name, n):  # past the miniature cap
-        n = (budget - extra_bytes(name, n)) // per_key
+    n = budget // per_key
+    while n > 0 and n * per_key + extra_bytes(name, n) > budget:
+        # Each step removes at least the overshoot's worth of keys: few steps.
+        n -= max(1, (n * per_key + extra_bytes(name, n) - budget) // (2 * per_key))
     return max(0, n)
 
 

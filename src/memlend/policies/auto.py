@@ -26,10 +26,21 @@ from memlend.shards import MODULUS, MiniSim, key_hash, threshold
 CANDIDATES = ("arc", "lirs", "lru", "s3fifo")
 START = "arc"
 MINI_BLOCKS = 1024  # miniature cache size per candidate, at most (about 4 MiB in all)
+# Exact full-size shadows up to FULL_SHADOW keys (a switch then takes the
+# shadow's state); above, at most MAX_RATE of the keys and MINI_BLOCKS per candidate.
+FULL_SHADOW = 256
+MAX_RATE = 0.25
 MARGIN = 0.01  # of the references in the (decayed) window
 DWELL = 2  # windows after a switch before the next
 WINDOW_MIN, WINDOW_MAX, WINDOW_FRACTION = 64, 4096, 1.0
 DECAY = 0.5  # per window: a phase older than a few windows stops counting
+
+
+def mini_keys(capacity: int) -> int:
+    """Keys of each candidate's miniature cache for a cache of `capacity` keys."""
+    if capacity <= FULL_SHADOW:
+        return capacity
+    return max(FULL_SHADOW, min(MINI_BLOCKS, int(capacity * MAX_RATE)))
 
 
 @register
@@ -38,7 +49,7 @@ class Auto(Policy):
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
-        self.rate = min(1.0, MINI_BLOCKS / capacity)
+        self.rate = mini_keys(capacity) / capacity
         self._threshold = threshold(self.rate)
         self._all = self._threshold >= MODULUS
         # Sampled references per decision.
