@@ -1,12 +1,17 @@
 """Check the classic policies against shared/policy-reference.md, every row.
 
     python -m memlend.bench.policy_reference [SHARED_DIR]
+    python -m memlend.bench.policy_reference --against auto,lirs-tuned [SHARED_DIR]
 
 Replays every trace of SHARED_DIR/traces (default: the shared/ found beside the
 repository) through lru, 2q, arc, s3fifo, sieve and lirs at the sizes the table
 lists, and prints a Markdown table of memlend's miss ratio minus the reference's.
 Exits 1 if any difference is above 0.001. tests/test_policy_reference.py runs the
 same comparison on a quick subset.
+
+With --against, it instead replays the named policies at 5%, 10% and 25% and
+prints each one's miss ratio minus the best classic's in the reference table (the
+issue-12 goal: at or below it on every row).
 """
 
 from __future__ import annotations
@@ -68,7 +73,38 @@ def compare(keys: list[int], blocks: int, expected: dict[str, float]) -> dict[st
     return {p: simulate(keys, p, blocks).miss_ratio - expected[p] for p in CLASSICS}
 
 
+def against(shared: Path, reference: Reference, policies: list[str]) -> int:
+    print("| trace | size | best classic | " + " | ".join(policies) + " |")
+    print("| --- | --- | --- |" + " ---: |" * len(policies))
+    above = dict.fromkeys(policies, 0)
+    total = dict.fromkeys(policies, 0.0)
+    best_total = 0.0
+    rows = 0
+    for trace in sorted({t for t, _ in reference}):
+        keys = load_trace(str(shared / "traces" / f"{trace}.trace.gz"))
+        for percent in (5, 10, 25):
+            blocks, expected = reference[(trace, percent)]
+            best, name = min((expected[p], p) for p in CLASSICS)
+            cells = []
+            for p in policies:
+                m = simulate(keys, p, blocks).miss_ratio
+                total[p] += m
+                above[p] += m - best > 0.0005  # the table's rounding
+                cells.append(f"{m:.4f} ({m - best:+.4f})")
+            best_total += best
+            rows += 1
+            print(f"| {trace} | {percent}% | {name} {best:.4f} | " + " | ".join(cells) + " |")
+    means = " | ".join(f"{total[p] / rows:.4f}" for p in policies)
+    print(f"| **mean** | | {best_total / rows:.4f} | {means} |")
+    print(f"| **rows above best** | | | {' | '.join(str(above[p]) for p in policies)} |")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--against"] and len(argv) >= 2:
+        policies = [p.strip() for p in argv[1].split(",") if p.strip()]
+        shared = Path(argv[2]) if len(argv) > 2 else find_shared()
+        return against(shared, load_reference(shared), policies)
     shared = Path(argv[0]) if argv else find_shared()
     reference = load_reference(shared)
     print("| trace | size | blocks | " + " | ".join(CLASSICS) + " |")
