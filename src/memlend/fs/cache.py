@@ -50,6 +50,11 @@ class BlockCache:
         # Called (file_id) with the lock held when a file's last resident block goes.
         self.on_file_gone: Callable[[int], None] | None = None
         stats.slots = nslots
+        stats.active_policy = self._active_policy()
+
+    def _active_policy(self) -> str:
+        # auto (policies/auto.py) names the candidate it follows in `current`.
+        return getattr(self.policy, "current", self.policy.name)
 
     @property
     def slots(self) -> int:
@@ -131,6 +136,7 @@ class BlockCache:
         self.arena.view[start : start + n] = data
         self._length[slot] = n
         self.stats.resident_blocks = len(self._index)
+        self.stats.active_policy = self._active_policy()
 
     def _forget(self, key: int) -> None:
         slot = self._index.pop(key)
