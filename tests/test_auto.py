@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from memlend.policies import make_policy
-from memlend.policies.auto import START
+from memlend.policies.auto import FULL_SHADOW, START
 from memlend.sim import simulate
 
 CLASSICS = ["lru", "2q", "arc", "s3fifo", "sieve", "lirs"]
@@ -34,10 +36,11 @@ def test_auto_switches_with_the_workload_and_beats_every_fixed_policy() -> None:
     assert hits > max(fixed.values()), (hits, fixed)
 
 
-def test_auto_switch_keeps_the_cache_consistent() -> None:
+@pytest.mark.parametrize("c", [50, 400])  # exact shadows; sampled miniature caches
+def test_auto_switch_keeps_the_cache_consistent(c: int) -> None:
     # Evicted keys are resident before and gone after; nothing exceeds capacity.
-    c = 50
     p = make_policy("auto", c)
+    assert (p.rate == 1.0) == (c <= FULL_SHADOW)
     resident: set[int] = set()
     for k in changing_stream(c):
         if k in p:
