@@ -121,6 +121,65 @@ class RefARC:
 
 
 class RefS3FIFO:
+    """libCacheSim's S3-FIFO with its defaults (shared/policy-reference.md): S of
+    10% (at least 1), M of the rest, G of |M| ids, move to M after 2 hits in S."""
+
+    def __init__(self, c: int) -> None:
+        self.c = c
+        self.small = max(1, int(c * 0.1))
+        self.mcap = c - self.small
+        self.S, self.M, self.G, self.freq = [], [], [], {}
+
+    def resident(self) -> set:
+        return set(self.S) | set(self.M)
+
+    def ghosts(self) -> int:
+        return len(self.G)
+
+    def hit(self, x) -> None:
+        self.freq[x] += 1
+
+    def miss(self, x) -> list:
+        ev = []
+        while len(self.S) + len(self.M) >= self.c:
+            if len(self.M) > self.mcap or not self.S:
+                t = self.M.pop(0)
+                if self.freq[t] >= 1:
+                    self.freq[t] = min(self.freq[t], 3) - 1
+                    self.M.append(t)
+                else:
+                    del self.freq[t]
+                    ev.append(t)
+            else:
+                while self.S:  # until one key leaves (promotions can fill M)
+                    t = self.S.pop(0)
+                    if self.freq[t] >= 2:
+                        self.freq[t] = 0
+                        self.M.append(t)
+                        continue
+                    del self.freq[t]
+                    ev.append(t)
+                    if self.mcap:
+                        self.G.append(t)
+                        if len(self.G) > self.mcap:
+                            self.G.pop(0)
+                    break
+        if x in self.G:
+            self.G.remove(x)
+            self.M.append(x)
+        else:
+            self.S.append(x)
+        self.freq[x] = 0
+        return ev
+
+    def discard(self, x) -> None:
+        for lst in (self.S, self.M):
+            if x in lst:
+                lst.remove(x)
+                del self.freq[x]
+
+
+class RefS3FIFOTuned:
     """Yang et al., SOSP'23, algorithm 1, with promotion at freq > 0."""
 
     def __init__(self, c: int) -> None:
@@ -270,8 +329,10 @@ class Ref2Q:
 
 
 class RefLIRS:
-    """Jiang & Zhang, SIGMETRICS'02, section 3.3; |S| <= 3c by dropping the ghost
+    """Jiang & Zhang, SIGMETRICS'02, section 3.3; |S| <= 2c by dropping the ghost
     nearest the bottom of S."""
+
+    factor = 2
 
     def __init__(self, c: int) -> None:
         self.c = c
@@ -289,7 +350,7 @@ class RefLIRS:
             self.S.pop(0)
 
     def bound(self) -> None:
-        while len(self.S) > 3 * self.c:
+        while len(self.S) > self.factor * self.c:
             res = self.resident()
             self.S.remove(next(k for k in self.S if k not in res))
 
@@ -349,7 +410,13 @@ class RefLIRS:
         self.prune()
 
 
+class RefLIRSTuned(RefLIRS):
+    factor = 3
+
+
 REFERENCES = {
+    "s3fifo-tuned": RefS3FIFOTuned,
+    "lirs-tuned": RefLIRSTuned,
     "lru": RefLRU,
     "arc": RefARC,
     "s3fifo": RefS3FIFO,
@@ -554,14 +621,34 @@ def test_2q_hit_in_a1in_does_not_promote() -> None:
     assert "a" in p._am
 
 
-def test_s3fifo_ghost_hit_goes_to_main_and_one_hit_wonders_leave_quickly() -> None:
-    p = make_policy("s3fifo", 10)  # small queue 1, main 9
+@pytest.mark.parametrize("name", ["s3fifo", "s3fifo-tuned"])
+def test_s3fifo_ghost_hit_goes_to_main_and_one_hit_wonders_leave_quickly(name: str) -> None:
+    p = make_policy(name, 10)  # small queue 1, main 9
     for k in range(10):
         p.admit(k)
     p.touch(5)
     assert p.admit(10) == [0]  # 0 was never hit: evicted from S to the ghost queue
     assert p.admit(0) == [1]
     assert 0 in p._main  # ghost hit
+
+
+def test_s3fifo_moves_to_main_after_two_hits_in_small() -> None:
+    p = make_policy("s3fifo", 20)  # small queue 2, main 18
+    for k in range(20):
+        p.admit(k)  # S = 0..19 (nothing evicted yet, nothing in M)
+    p.touch(0)
+    p.touch(1)
+    p.touch(1)
+    # 0 had one hit (below the threshold of 2): evicted; 1 had two: moved to M.
+    assert p.admit(20) == [0]
+    assert p.admit(21) == [2]
+    assert 1 in p._main and 1 not in p._small
+    # The tuned variant promotes after one hit.
+    t = make_policy("s3fifo-tuned", 20)
+    for k in range(20):
+        t.admit(k)
+    t.touch(0)
+    assert t.admit(20) == [1]
 
 
 def test_arc_adapts_p_on_ghost_hits() -> None:

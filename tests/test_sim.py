@@ -212,6 +212,8 @@ def test_cli_table_and_plot(
         (["{trace}", "--format", "csv"], "'offset' and 'size' columns"),
         (["{bad}"], "line 2: expected a block number"),
         (["{trace}", "--block-size", "0"], "invalid size '0'"),
+        (["{trace}", "--sample", "0"], "invalid sampling rate"),
+        (["{trace}", "--sample", "1.5"], "invalid sampling rate"),
     ],
 )
 def test_cli_errors_are_one_line(

@@ -8,6 +8,13 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _policy(stats: dict) -> str:
+    active = stats.get("active_policy")
+    if active and active != stats["policy"]:
+        return f"{stats['policy']} (now {active})"
+    return str(stats["policy"])
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -35,7 +42,7 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
     else:
         local = [
             ("local tier", "memlend"),
-            ("policy", stats["policy"]),
+            ("policy", _policy(stats)),
             ("cache size", human_bytes(stats["cache_size"])),
             ("block size", human_bytes(stats["block_size"])),
             ("resident blocks", f"{stats['resident_blocks']} of {stats['slots']}"),

@@ -34,6 +34,7 @@ class MountStats:
     block_size: int = 0
     slots: int = 0
     policy: str = ""
+    active_policy: str = ""  # what `auto` follows now; else the policy itself
     direct_io: bool = True
     local_tier: str = "memlend"
     writeback_cache: bool = False

@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable
 
 from memlend.arena import Arena
-from memlend.policies import bookkeeping_bytes, make_policy
+from memlend.policies import make_policy, slots_within
 from memlend.stats import MountStats
 
 FILE_SHIFT = 40  # block numbers below 2**40: files up to 4 PiB at 4 KiB blocks
@@ -28,7 +28,7 @@ INDEX_BYTES = 128
 
 def slots_for(cache_size: int, block_size: int, policy: str) -> int:
     """How many blocks fit in `cache_size` bytes, bookkeeping included."""
-    return cache_size // (block_size + INDEX_BYTES + bookkeeping_bytes(policy))
+    return slots_within(cache_size, block_size + INDEX_BYTES, policy)
 
 
 class BlockCache:
@@ -50,6 +50,11 @@ class BlockCache:
         # Called (file_id) with the lock held when a file's last resident block goes.
         self.on_file_gone: Callable[[int], None] | None = None
         stats.slots = nslots
+        stats.active_policy = self._active_policy()
+
+    def _active_policy(self) -> str:
+        # auto (policies/auto.py) names the candidate it follows in `current`.
+        return getattr(self.policy, "current", self.policy.name)
 
     @property
     def slots(self) -> int:
@@ -131,6 +136,7 @@ class BlockCache:
         self.arena.view[start : start + n] = data
         self._length[slot] = n
         self.stats.resident_blocks = len(self._index)
+        self.stats.active_policy = self._active_policy()
 
     def _forget(self, key: int) -> None:
         slot = self._index.pop(key)

@@ -27,7 +27,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from memlend.arena import Arena
-from memlend.policies import bookkeeping_bytes, make_policy
+from memlend.policies import bookkeeping_bytes, extra_bytes, make_policy, slots_within
 
 TAIL_MAX = 64
 # Namespace entry per block: key bytes, (slot, length, tail) tuple, dict entry, tail
@@ -40,7 +40,9 @@ META_PER_SLOT = ENTRY_BYTES + bookkeeping_bytes("s3fifo")
 
 def memory_for(slots: int, slot_size: int, policy: str = "s3fifo") -> int:
     """The --memory that gives exactly `slots` slots of `slot_size` with `policy`."""
-    return slots * (slot_size + ENTRY_BYTES + bookkeeping_bytes(policy))
+    return slots * (slot_size + ENTRY_BYTES + bookkeeping_bytes(policy)) + extra_bytes(
+        policy, slots
+    )
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Store:
         max_namespaces: int = 256,
     ) -> None:
         self.slot_size = slot_size
-        self.slots = memory // (slot_size + ENTRY_BYTES + bookkeeping_bytes(policy))
+        self.slots = slots_within(memory, slot_size + ENTRY_BYTES, policy)
         if self.slots < 1:
             raise ValueError(f"{memory} bytes of memory cannot hold one {slot_size}-byte slot")
         self.memory = memory
