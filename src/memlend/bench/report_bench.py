@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 MiB = 1 << 20
-ORDER = ("pagecache", "local", "kernel", "lender", "kernel-lender", "lenders", "memcached", "ideal")
+ORDER = (
+    "pagecache",
+    "local",
+    "kernel",
+    "kernel-wb",
+    "lender",
+    "kernel-lender",
+    "lenders",
+    "memcached",
+    "ideal",
+)
 
 
 def _cell(rows: list[dict], config: str, workload: str, disk: str) -> dict | None:

@@ -39,9 +39,11 @@ DISKS: dict[str, tuple[int | None, int | None]] = {  # read IOPS, read bytes/s
     "none": (None, None),
 }
 # local/lender/lenders/memcached: memlend's own cache as the first tier; kernel and
-# kernel-lender: the kernel page cache as the first tier (--local-tier kernel).
+# kernel-lender: the kernel page cache as the first tier (--local-tier kernel);
+# kernel-wb: that with the kernel's writeback cache (--writeback-cache).
 CONFIGS = (
-    "pagecache", "local", "kernel", "lender", "kernel-lender", "lenders", "memcached", "ideal"
+    "pagecache", "local", "kernel", "kernel-wb", "lender", "kernel-lender", "lenders",
+    "memcached", "ideal",
 )  # fmt: skip
 REMOTE_CONFIGS = ("lender", "kernel-lender", "lenders", "memcached")
 PUT_COUNTERS = ("remote_put_blocks", "remote_put_skipped", "remote_dropped_puts")
@@ -163,6 +165,8 @@ class ConfigRun:
         tier = local_tier(c)
         if tier is not None:
             extra += ["--local-tier", tier]
+            if c == "kernel-wb":
+                extra += ["--writeback-cache"]
             self.mnt, self.daemon = bed.mount(self.client, cache_size(plan.client_memory), extra)
         return self
 
