@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc libfuse3-dev pkg-config util-linux iproute2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean check-wheel
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
 
 demo: install
@@ -29,6 +29,25 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
+# The package as a user gets it: a wheel built from this tree, installed into a fresh
+# virtual environment, run from outside the repository (CI runs it after the tests).
+WHEEL_DIR := build/wheel-check
+check-wheel: install
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(BIN)/pip wheel -q --no-deps -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/memlend-*.whl
+	cd / && $(CURDIR)/$(WHEEL_DIR)/venv/bin/memlend --help > /dev/null
+	cd / && v1=$$($(CURDIR)/$(WHEEL_DIR)/venv/bin/memlend --version) && \
+	  v2=$$($(CURDIR)/$(WHEEL_DIR)/venv/bin/memlend lend --version) && \
+	  echo "$$v1 / $$v2" && [ "$$v1" = "$$v2" ]
+	cd / && $(CURDIR)/$(WHEEL_DIR)/venv/bin/python -c "import importlib.resources as r; \
+	  assert r.files('memlend.bench').joinpath('readcheck.c').is_file(); \
+	  import memlend.bench.run, memlend.fs.daemon, memlend.lender.server"
+	cd / && ! $(CURDIR)/$(WHEEL_DIR)/venv/bin/python -c "import matplotlib" 2>/dev/null
+	rm -rf $(WHEEL_DIR)
+	@echo "wheel check: ok"
 
 lint: install
 	$(BIN)/ruff check src tests

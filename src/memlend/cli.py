@@ -449,6 +449,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from memlend.bench import run as bench_run  # the testbed: only for this command
+
+    return bench_run.run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memlend",
@@ -526,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_arguments(p)
     p.set_defaults(func=cmd_sim)
 
-    from memlend.bench import run as bench_run
+    from memlend.bench import matrix
 
     p = sub.add_parser(
         "bench",
@@ -536,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data and memory, writes results.json, report.md and PNG plots to --out, and removes "
         "everything it set up, also on failure and Ctrl-C. Needs root.",
     )
-    bench_run.add_bench_arguments(p)
-    p.set_defaults(func=bench_run.run_bench)
+    matrix.add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "demo",

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memlend.bench import run
-from memlend.bench.run import DISKS
+from memlend.bench.matrix import DISKS
 from memlend.errors import UserError
 from memlend.report import human_bytes
 

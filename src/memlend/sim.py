@@ -23,6 +23,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from memlend import plotting
 from memlend.errors import UserError
 from memlend.policies import POLICIES, make_policy
 from memlend.shards import mean_absolute_error, sample, sampled_miss_ratio, threshold
@@ -386,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
         threshold(args.sample)  # a bad rate fails before any slow work
     if args.plot and not str(args.plot).lower().endswith(".png"):
         raise UserError(f"--plot {args.plot!r}: expected a .png file name")
+    if args.plot and not plotting.available():
+        raise UserError(f"--plot: {plotting.HINT}")  # before any slow work
 
     runs: list[TraceRun] = []
     for spec in args.traces:
@@ -479,10 +482,7 @@ def print_tables(runs: list[TraceRun], policies: list[str]) -> None:
 
 def plot(runs: list[TraceRun], policies: list[str], path: str) -> None:
     """Miss ratio against cache size, one panel per trace."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     from matplotlib.ticker import NullFormatter
 
     n = len(runs)

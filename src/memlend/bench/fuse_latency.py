@@ -39,6 +39,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from memlend import plotting
 from memlend.bench import fuse_tools as ft
 
 MiB = 1 << 20
@@ -578,10 +579,7 @@ def print_report(res: dict) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     lat = res["cached_latency"]
     names = ["pagecache", "minimal"] + [f"memlend-{b}" for b in res["plan"]["block_sizes"]]

@@ -20,7 +20,7 @@ with baselines from the same run: the minimal C libfuse server on CPU 0 (the FUS
 round trip), O_DIRECT 4 KiB reads of the backing file without FUSE, RemoteTier
 get_many of one 16 KiB block from this process on CPU 0 (the network round trip of
 a remote hit, unsealing included), AES-GCM open of a 16 KiB blob, and
-memlend.remote.tierbench (lender against memcached, 4 KiB gets one at a time and in
+memlend.bench.tierbench (lender against memcached, 4 KiB gets one at a time and in
 batches of 32). Every process and mount started here is stopped on every exit path.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memlend.bench import fuse_tools as ft
-from memlend.remote.tierbench import wait_port
+from memlend.bench.tierbench import wait_port
 
 MiB = 1 << 20
 CLIENT_CPU = 0  # reader and mount daemon
@@ -195,10 +195,10 @@ def _us(ns: float) -> float:
 
 
 def _micro(lport: int, mport: int, secret_file: str, plan: Plan) -> dict[str, dict]:
+    from memlend.bench.tierbench import _pct, _time
     from memlend.remote.sealing import Sealer
     from memlend.remote.secret import load_secret
     from memlend.remote.tier import RemoteTier
-    from memlend.remote.tierbench import _pct, _time
 
     out: dict[str, dict] = {}
     seal = os.urandom(32)
@@ -262,7 +262,7 @@ def _micro(lport: int, mport: int, secret_file: str, plan: Plan) -> dict[str, di
 
 
 def _tierbench(plan: Plan) -> tuple[str, dict[str, dict]]:
-    cmd = [sys.executable, "-m", "memlend.remote.tierbench", "--n", str(plan.tier_n)]
+    cmd = [sys.executable, "-m", "memlend.bench.tierbench", "--n", str(plan.tier_n)]
     cmd += ["--client-cpu", str(CLIENT_CPU), "--server-cpu", str(SERVER_CPU)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
@@ -483,7 +483,7 @@ def report(res: dict) -> None:
     for p in problems:
         print(f"  DISTURBED: {p}")
     print()
-    print("memlend.remote.tierbench in the same run (4 KiB blocks):")
+    print("memlend.bench.tierbench in the same run (4 KiB blocks):")
     print(res["tierbench_output"].rstrip())
     tb = res["tierbench"]
     for line in res["tierbench_output"].splitlines():

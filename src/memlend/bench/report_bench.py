@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from memlend import plotting
+
 MiB = 1 << 20
 ORDER = (
     "pagecache",
@@ -219,10 +221,7 @@ def _goal(rows: list[dict], config: str, workload: str | None, target: float) ->
 
 
 def plots(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     rows = result["rows"]
     configs = [c for c in ORDER if any(r["config"] == c for r in rows)]
@@ -257,7 +256,10 @@ def plots(result: dict, out: Path) -> list[Path]:
 
 def write_report(result: dict, out: Path) -> None:
     (out / "report.md").write_text(markdown(result))
-    plots(result, out)
+    if plotting.available():
+        plots(result, out)
+    else:
+        print(f"no plots: {plotting.HINT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

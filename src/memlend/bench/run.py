@@ -28,26 +28,19 @@ from memlend.bench import fuse_tools as ft
 from memlend.bench import postmark
 from memlend.bench import testbed as tb
 from memlend.bench import workloads as wl
+from memlend.bench.matrix import (
+    CONFIGS,
+    DISKS,
+    QUICK_CONFIGS,
+    REMOTE_CONFIGS,
+    add_bench_arguments,
+)
 from memlend.errors import UserError
 from memlend.sizes import parse_size
 
 MiB = 1 << 20
 
-DISKS: dict[str, tuple[int | None, int | None]] = {  # read IOPS, read bytes/s
-    "hdd": (200, 150_000_000),
-    "cloud": (1000, 100_000_000),
-    "none": (None, None),
-}
-# local/lender/lenders/memcached: memlend's own cache as the first tier; kernel and
-# kernel-lender: the kernel page cache as the first tier (--local-tier kernel);
-# kernel-wb: that with the kernel's writeback cache (--writeback-cache).
-CONFIGS = (
-    "pagecache", "local", "kernel", "kernel-wb", "lender", "kernel-lender", "lenders",
-    "memcached", "ideal",
-)  # fmt: skip
-REMOTE_CONFIGS = ("lender", "kernel-lender", "lenders", "memcached")
 PUT_COUNTERS = ("remote_put_blocks", "remote_put_skipped", "remote_dropped_puts")
-QUICK_CONFIGS = ("pagecache", "local", "lender", "kernel-lender", "ideal")
 MAX_WARM_PASSES = 5
 WARM_DROP_OK = 256  # puts a last warm-up pass may drop (of 65,536 blocks per GiB)
 
@@ -65,31 +58,6 @@ class Plan:
     netns: bool
     sqlite_rows: int = 0
     shim: Path | None = None  # readcheck.so, built when postmark is in the plan
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="reduced matrix, small sizes (~2 min)")
-    p.add_argument("--out", default="bench-out", help="directory for results (default bench-out)")
-    p.add_argument(
-        "--disk",
-        action="append",
-        metavar="PROFILE",
-        help=f"disk profile: {', '.join(DISKS)} (repeatable; default cloud)",
-    )
-    p.add_argument(
-        "--client-memory", metavar="SIZE", help="client VM memory (default 512M; 192M quick)"
-    )
-    p.add_argument("--dataset", metavar="SIZE", help="data set size (default 4x client memory)")
-    p.add_argument(
-        "--workload", nargs="+", action="extend", metavar="NAME", help=", ".join(wl.WORKLOADS)
-    )
-    p.add_argument("--config", nargs="+", action="extend", metavar="NAME", help=", ".join(CONFIGS))
-    p.add_argument("--seconds", type=float, help="run time per cell (default 20; 6 quick)")
-    p.add_argument(
-        "--no-netns",
-        action="store_true",
-        help="client and lenders on loopback instead of network namespaces linked by veth",
-    )
 
 
 def _plan(args: argparse.Namespace) -> Plan:

@@ -1,6 +1,6 @@
 """The lender's network loop: one thread, epoll, non-blocking sockets.
 
-Chosen by measurement (docs/remote.md, `python -m memlend.lender.iobench`): a
+Chosen by measurement (docs/remote.md, `python -m memlend.bench.lender_iobench`): a
 single-threaded loop is as fast as thread-per-connection for a 4 KiB GET and
 needs no locks around the store, and its memory does not grow with a thread stack
 per client. After serving a request it keeps polling without sleeping for a short

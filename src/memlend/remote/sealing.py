@@ -11,7 +11,7 @@ any bit flipped fails to open. Nonces are random 96-bit values: at 2^32 seals pe
 key the collision chance stays below 2^-32 (NIST SP 800-38D's bound).
 
 AES-256-GCM was chosen over ChaCha20-Poly1305 by measurement (docs/remote.md,
-`python -m memlend.remote.sealbench`): with AES-NI/VAES here it seals a 4 KiB
+`python -m memlend.bench.sealbench`): with AES-NI/VAES here it seals a 4 KiB
 block in 3.0 µs (ChaCha20-Poly1305: 3.7) and a 64 KiB block in 8.1 µs (19.7).
 
 The sealing key is derived with HKDF-SHA256 from a client-side secret, with a label

@@ -1,6 +1,6 @@
 """Which server I/O model for the lender? 4 KiB GET round trips, measured.
 
-    python -m memlend.lender.iobench [--server-cpu 1] [--client-cpu 0] [--n 5000]
+    python -m memlend.bench.lender_iobench [--server-cpu 1] [--client-cpu 0] [--n 5000]
 
 Servers (each a subprocess pinned to --server-cpu, loopback TCP):
   raw-blocking   baseline: a bare blocking-socket echo of 4 KiB, no protocol, no store
@@ -135,7 +135,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "memlend.lender.iobench",
+                "memlend.bench.lender_iobench",
                 "--serve",
                 mode,
                 "--server-cpu",

@@ -1,6 +1,6 @@
 """Benchmark: 4 KiB reads through RemoteTier from a lender and from memcached.
 
-    python -m memlend.remote.tierbench [--n 2000] [--client-cpu 0] [--server-cpu 1]
+    python -m memlend.bench.tierbench [--n 2000] [--client-cpu 0] [--server-cpu 1]
 
 Starts a memlend lender (`python -m memlend.lender`, 4K slots) and a memcached,
 both pinned to --server-cpu, pins itself to --client-cpu, stores 4 KiB blocks

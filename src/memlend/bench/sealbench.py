@@ -1,6 +1,6 @@
 """Tiny benchmark: AES-256-GCM vs ChaCha20-Poly1305 per block (seal + open).
 
-python -m memlend.remote.sealbench
+python -m memlend.bench.sealbench
 """
 
 from __future__ import annotations
