@@ -42,6 +42,7 @@ log = logging.getLogger("memlend")
 
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
 PUT_QUEUE_BYTES = 16 << 20  # evicted blocks waiting for the lenders, at most
+READAHEAD_KB = 1024  # the kernel tier's read-ahead window (set_readahead)
 LOCAL_TIERS = ("kernel", "memlend")
 EXIT_GRACE = 5  # seconds to wait, after unmount, for workers still inside a request
 
@@ -255,6 +256,35 @@ def check_config(cfg: MountConfig) -> MountConfig:
     return cfg
 
 
+def mount_device(mountpoint: str) -> str | None:
+    """MAJOR:MINOR of the file system mounted at `mountpoint` (from mountinfo: a stat()
+    of our own mountpoint would be a request to ourselves)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == mountpoint:
+                    dev = fields[2]  # the last mount there wins: ours is the newest
+        return dev
+    except (OSError, UnboundLocalError):
+        return None
+
+
+def set_readahead(mountpoint: str, kb: int) -> None:
+    """The kernel tier's read-ahead window: a FUSE mount starts at 128 KiB, so a
+    sequential reader costs a READ round trip (and a lender multi-get or a disk read)
+    per 128 KiB; 1 MiB makes that one per MiB, the size of our largest READ
+    (docs/benchmarks.md, seqread). Root only (sysfs); left as it is otherwise."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.info("read-ahead of %s left at the kernel's default: %s", mountpoint, e)
+
+
 def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -401,6 +431,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         fs.on_too_many = _prune_later(session)
         session.start()
         if kernel_tier:
+            set_readahead(cfg.mountpoint, READAHEAD_KB)
             log.info("mounted %s on %s: the kernel page cache is the local tier%s",
                      cfg.backing, cfg.mountpoint,
                      ", writeback cache" if session.writeback_cache else "")  # fmt: skip
