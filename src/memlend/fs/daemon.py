@@ -259,15 +259,16 @@ def check_config(cfg: MountConfig) -> MountConfig:
 def mount_device(mountpoint: str) -> str | None:
     """MAJOR:MINOR of the file system mounted at `mountpoint` (from mountinfo: a stat()
     of our own mountpoint would be a request to ourselves)."""
+    dev = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and fields[4] == mountpoint:
                     dev = fields[2]  # the last mount there wins: ours is the newest
-        return dev
-    except (OSError, UnboundLocalError):
+    except OSError:
         return None
+    return dev
 
 
 def set_readahead(mountpoint: str, kb: int) -> None:
