@@ -274,6 +274,16 @@ def throttled(request) -> Iterator[Callable[[int], None]]:
         g.remove()
 
 
+def cat(path: Path) -> bytes:
+    """Read a file as `cat` does (128 KiB at a time), from memlend, not the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_pages(fd)
+        return b"".join(iter(lambda: os.read(fd, 128 * KiB), b""))
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="blkio throttling: root")
 def test_a_first_sequential_read_on_a_throttled_disk_lends_every_block(
     mount_factory, lender_factory, secret_file, seal_key_file, throttled
@@ -296,13 +306,7 @@ def test_a_first_sequential_read_on_a_throttled_disk_lends_every_block(
         os.sync()
         all_active(m)
         s0 = stats(m)
-        fd = os.open(m.mnt / name, os.O_RDONLY)
-        try:
-            drop_pages(fd)
-            got = b"".join(iter(lambda fd=fd: os.read(fd, 128 * KiB), b""))
-        finally:
-            os.close(fd)
-        assert got == data
+        assert cat(m.mnt / name) == data
         settle(m)
         s1 = stats(m)
         p1 = delta(s0, s1)
@@ -318,13 +322,7 @@ def test_a_first_sequential_read_on_a_throttled_disk_lends_every_block(
         assert p1["remote_put_blocks"] + s1["resident_blocks"] >= nblocks, report
         assert p1["disk_read_bytes"] <= 1.1 * len(data), report
 
-        fd = os.open(m.mnt / name, os.O_RDONLY)
-        try:
-            drop_pages(fd)
-            got = b"".join(iter(lambda fd=fd: os.read(fd, 128 * KiB), b""))
-        finally:
-            os.close(fd)
-        assert got == data
+        assert cat(m.mnt / name) == data
         p2 = delta(s1, stats(m))
         assert p2["disk_read_bytes"] <= 0.1 * len(data), f"second cat: {p2}"
         assert p2["remote_hits"] >= 0.9 * nblocks - s1["resident_blocks"], f"second cat: {p2}"

@@ -20,6 +20,20 @@ COUNTERS = (
     "remote_hits",
     "remote_misses",
 )
+# The remote tier's counters (remote/tier.py), in `memlend stats` after the mount's.
+REMOTE_COUNTERS = (
+    "remote_hits",
+    "remote_misses",
+    "remote_queue_hits",
+    "remote_put_blocks",
+    "remote_put_skipped",
+    "remote_dropped_puts",
+    "remote_errors",
+    "remote_timeouts",
+    "seal_failures",
+    "remote_deletes",
+    "remote_dropped_deletes",
+)
 
 
 @dataclass

@@ -10,29 +10,24 @@ from rich.live import Live
 from rich.table import Table
 
 from memlend.report import human_bytes
-from memlend.stats import COUNTERS
+from memlend.stats import COUNTERS, REMOTE_COUNTERS
 
 # Monotonic counters, the ones a rate makes sense for (the rest are settings or gauges).
-RATE_KEYS = frozenset(COUNTERS) | {
-    "remote_queue_hits",
-    "remote_put_blocks",
-    "remote_put_skipped",
-    "remote_dropped_puts",
-    "remote_errors",
-    "remote_timeouts",
-    "seal_failures",
-    "remote_deletes",
-    "remote_dropped_deletes",
-    # a lender's
-    "hits",
-    "misses",
-    "puts",
-    "refused",
-    "evictions",
-    "given_back_bytes",
-    "auth_failures",
-    "protocol_errors",
-}
+RATE_KEYS = (
+    frozenset(COUNTERS)
+    | frozenset(REMOTE_COUNTERS)
+    | {
+        # a lender's
+        "hits",
+        "misses",
+        "puts",
+        "refused",
+        "evictions",
+        "given_back_bytes",
+        "auth_failures",
+        "protocol_errors",
+    }
+)
 
 
 HIDDEN = frozenset({"pid", "started"})  # numbers, but not counters worth a row

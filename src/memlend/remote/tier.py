@@ -70,6 +70,7 @@ from memlend.remote.memcached import MemcachedClient
 from memlend.remote.placement import Rendezvous
 from memlend.remote.sealing import SEALS_PER_KEY, RunSealer, SealError, client_id_for
 from memlend.remote.secret import auth_key
+from memlend.stats import REMOTE_COUNTERS
 
 if TYPE_CHECKING:
     from memlend.stats import MountStats
@@ -298,19 +299,7 @@ class RemoteTier:
         # Counters: the mount's registry (memlend.counters: per-thread, no lock), so
         # `memlend stats` and the metrics endpoint see one set of numbers.
         self.counters = stats.counters if stats is not None else Counters()
-        self.counter_names = (
-            "remote_hits",
-            "remote_misses",
-            "remote_queue_hits",
-            "remote_put_blocks",
-            "remote_put_skipped",
-            "remote_dropped_puts",
-            "remote_errors",
-            "remote_timeouts",
-            "seal_failures",
-            "remote_deletes",
-            "remote_dropped_deletes",
-        )
+        self.counter_names = REMOTE_COUNTERS
         self._latencies: deque[float] = deque(maxlen=latency_window)
 
         # Put queue: plaintext blocks by key; the put thread swaps the dict out.
