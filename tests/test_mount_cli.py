@@ -257,3 +257,19 @@ def test_foreground_mount_exits_on_sigterm(dirs: tuple[Path, Path]) -> None:
             proc.kill()
             proc.wait()
         force_unmount(m)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bdi's read_ahead_kb is root's to set")
+def test_kernel_tier_reads_ahead_1_mib_also_at_a_path_with_a_space(tmp_path: Path) -> None:
+    b, m = tmp_path / "backing dir", tmp_path / "mount point"
+    b.mkdir()
+    m.mkdir()
+    memlend("mount", str(b), str(m), "--local-tier", "kernel", "--log-file",
+            str(tmp_path / "log"))  # fmt: skip
+    try:
+        dev = os.stat(m).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
+    finally:
+        memlend("umount", str(m), check=False)
+        force_unmount(m)

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -256,6 +257,13 @@ def check_config(cfg: MountConfig) -> MountConfig:
     return cfg
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 8))
+
+
 def mount_device(mountpoint: str) -> str | None:
     """MAJOR:MINOR of the file system mounted at `mountpoint` (from mountinfo: a stat()
     of our own mountpoint would be a request to ourselves)."""
@@ -264,7 +272,8 @@ def mount_device(mountpoint: str) -> str | None:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4 and fields[4] == mountpoint:
+                # mountinfo escapes space, tab, newline and backslash as \ooo
+                if len(fields) > 4 and _OCTAL.sub(_unescape, fields[4]) == mountpoint:
                     dev = fields[2]  # the last mount there wins: ours is the newest
     except OSError:
         return None
