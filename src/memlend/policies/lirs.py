@@ -144,27 +144,26 @@ class LIRS(Policy):
         """Make resident `key` non-resident, keeping it in S as a ghost if it is
         there: a later reference counts as a short reuse. (policies/auto.py uses it
         when it takes over a shadow's state without that key's data.)"""
-        st = self._status.pop(key, None)
-        if st is None:
-            return
-        if st == _LIR:
-            self._nlir -= 1
-        else:
-            del self._q[key]
-        if key in self._s:
-            self._ghosts[key] = None
-        self._prune()
+        if self._unresident(key):
+            if key in self._s:
+                self._ghosts[key] = None
+            self._prune()
 
     def discard(self, key: Hashable) -> None:
+        if self._unresident(key):
+            self._s.pop(key, None)
+            self._prune()
+
+    def _unresident(self, key: Hashable) -> bool:
+        """Drop `key`'s residency (LIR count or Q entry); False if it was not resident."""
         st = self._status.pop(key, None)
         if st is None:
-            return
+            return False
         if st == _LIR:
             self._nlir -= 1
         else:
             del self._q[key]
-        self._s.pop(key, None)
-        self._prune()
+        return True
 
 
 @register

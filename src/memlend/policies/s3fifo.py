@@ -107,13 +107,17 @@ class S3FIFO(Policy):
                 victim = self._evict_small()
                 if victim is not None:
                     evicted.append(victim)
+        self._insert(key)
+        return evicted
+
+    def _insert(self, key: Hashable) -> None:
+        """A missed key enters M if G remembers it, else S, at frequency 0."""
         if key in self._ghost:
             del self._ghost[key]
             self._main[key] = None
         else:
             self._small[key] = None
         self._freq[key] = 0
-        return evicted
 
     def discard(self, key: Hashable) -> None:
         if self._freq.pop(key, None) is None:

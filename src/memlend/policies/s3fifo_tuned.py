@@ -25,51 +25,31 @@ is a no-op (its ghost entry, if any, is kept).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 
 from memlend.policies import register
-from memlend.policies.base import Policy
+from memlend.policies.s3fifo import S3FIFO
 
 
 @register
-class S3FIFOTuned(Policy):
+class S3FIFOTuned(S3FIFO):
+    """The queues, hits, main-FIFO eviction and discard are S3FIFO's; the choice of
+    queue, the promotion and the ghost's size are this variant's."""
+
     name = "s3fifo-tuned"
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
         self.small_target = max(1, capacity // 10)
         self.ghost_capacity = max(1, capacity - self.small_target)
-        # OrderedDicts in tail (oldest) -> head (newest) order.
-        self._small: OrderedDict[Hashable, None] = OrderedDict()
-        self._main: OrderedDict[Hashable, None] = OrderedDict()
-        self._ghost: OrderedDict[Hashable, None] = OrderedDict()
-        self._freq: dict[Hashable, int] = {}  # resident key -> 0..3
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._freq
-
-    def __len__(self) -> int:
-        return len(self._freq)
-
-    def keys(self) -> Iterator[Hashable]:
-        return iter(self._freq)
-
-    def ghosts(self) -> int:
-        return len(self._ghost)
-
-    def touch(self, key: Hashable) -> None:
-        f = self._freq[key]
-        if f < 3:
-            self._freq[key] = f + 1
 
     def _evict(self) -> Hashable:
-        small, main, freq = self._small, self._main, self._freq
-        if len(small) >= self.small_target or not main:
+        small, freq = self._small, self._freq
+        if len(small) >= self.small_target or not self._main:
             while small:
                 key = small.popitem(last=False)[0]
                 if freq[key] > 0:
-                    main[key] = None  # promoted, keeping its frequency
+                    self._main[key] = None  # promoted, keeping its frequency
                     continue
                 del freq[key]
                 ghost = self._ghost
@@ -77,33 +57,11 @@ class S3FIFOTuned(Policy):
                 if len(ghost) > self.ghost_capacity:
                     ghost.popitem(last=False)
                 return key
-        # Every reinsertion spends one earlier hit (freq <= 3), so this loop is
-        # amortised O(1).
-        while True:
-            key = main.popitem(last=False)[0]
-            f = freq[key]
-            if f == 0:
-                del freq[key]
-                return key
-            freq[key] = f - 1
-            main[key] = None
+        return self._evict_main()
 
     def admit(self, key: Hashable) -> list[Hashable]:
         evicted = []
         while len(self._freq) >= self.capacity:
             evicted.append(self._evict())
-        if key in self._ghost:
-            del self._ghost[key]
-            self._main[key] = None
-        else:
-            self._small[key] = None
-        self._freq[key] = 0
+        self._insert(key)
         return evicted
-
-    def discard(self, key: Hashable) -> None:
-        if self._freq.pop(key, None) is None:
-            return
-        if key in self._small:
-            del self._small[key]
-        else:
-            del self._main[key]
