@@ -62,10 +62,7 @@ class KernelReadPath(ReadPath):
                     lens[0] = len(data)
                     out[: len(data)] = data
             elif self.gate.ask():
-                t0 = time.monotonic()
-                got: list[tuple[int, int]] = []
-                self._ask_remote(state.file_id, version, first, lens, out, got)
-                self.gate.remote_took(time.monotonic() - t0, len(got))
+                self._ask_remote_timed(state.file_id, version, first, lens, out)
         if -1 in lens:
             t0 = time.monotonic()
             read = self._read_runs(fd, first, lens, out, buffered)

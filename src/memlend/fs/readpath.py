@@ -256,15 +256,21 @@ class ReadPath:
         lens = [-1] * (w.size >> self.shift)
         remote = self.remote
         if remote is not None and self.gate.ask():
-            t0 = time.monotonic()
-            got: list[tuple[int, int]] = []
-            self._ask_remote(state.file_id, w.version, first, lens, w.view, got)
-            self.gate.remote_took(time.monotonic() - t0, len(got))
+            self._ask_remote_timed(state.file_id, w.version, first, lens, w.view)
         if -1 in lens:
             t0 = time.monotonic()
             read = self._read_runs(fd, first, lens, w.view, False)
             self.gate.disk_took(time.monotonic() - t0, len(read))
         return valid_end(lens, self.bs)
+
+    def _ask_remote_timed(
+        self, file_id: int, version: int, first: int, lens: list[int], out: memoryview
+    ) -> None:
+        """_ask_remote for a stream's request, timed per block found for the gate."""
+        t0 = time.monotonic()
+        got: list[tuple[int, int]] = []
+        self._ask_remote(file_id, version, first, lens, out, got)
+        self.gate.remote_took(time.monotonic() - t0, len(got))
 
     def _fill_misses(
         self,
