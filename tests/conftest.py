@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,12 +203,17 @@ def lender_factory(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., 
     try:
         yield start
     finally:
-        for lender in started:
-            if lender.proc.poll() is None:
-                lender.proc.kill()
-            lender.proc.wait(10)
-            if lender.proc.stdout is not None:
-                lender.proc.stdout.close()
+        kill_all(lender.proc for lender in started)
+
+
+def kill_all(procs: Iterable[subprocess.Popen]) -> None:
+    """Kill each process still running, reap it, close its stdout pipe."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture

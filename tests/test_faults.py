@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount
+from conftest import Mount, kill_all
 from test_mount_remote import (
     BS,
     MiB,
@@ -389,12 +389,7 @@ def netns_lender(tmp_path: Path, secret_file: Path) -> Iterator[Callable[[], Net
     try:
         yield start
     finally:
-        for ld in made:
-            if ld.proc.poll() is None:
-                ld.proc.kill()
-            ld.proc.wait(10)
-            if ld.proc.stdout is not None:
-                ld.proc.stdout.close()
+        kill_all(ld.proc for ld in made)
         if created:  # deleting the namespace deletes the peer, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             subprocess.run(["ip", "link", "del", host], capture_output=True)
