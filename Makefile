@@ -4,13 +4,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc libfuse3-dev pkg-config util-linux iproute2
+DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc python3-dev libfuse3-dev pkg-config util-linux iproute2
 
-.PHONY: install demo test lint clean check-wheel
+.PHONY: install demo test test-python lint clean check-wheel
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml src/memlend/_native.c
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -30,6 +30,10 @@ test: install
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
+# The same suite on the Python hot path (the C extension turned off; CI runs both).
+test-python: install
+	MEMLEND_NATIVE=0 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
 # The package as a user gets it: a wheel built from this tree, installed into a fresh
 # virtual environment, run from outside the repository (CI runs it after the tests).
 WHEEL_DIR := build/wheel-check
@@ -44,7 +48,8 @@ check-wheel: install
 	  echo "$$v1 / $$v2" && [ "$$v1" = "$$v2" ]
 	cd / && $(CURDIR)/$(WHEEL_DIR)/venv/bin/python -c "import importlib.resources as r; \
 	  assert r.files('memlend.bench').joinpath('readcheck.c').is_file(); \
-	  import memlend.bench.run, memlend.fs.daemon, memlend.lender.server"
+	  import memlend.bench.run, memlend.fs.daemon, memlend.lender.server; \
+	  import memlend.native as n; assert n.lib is not None, n.description"
 	cd / && ! $(CURDIR)/$(WHEEL_DIR)/venv/bin/python -c "import matplotlib" 2>/dev/null
 	rm -rf $(WHEEL_DIR)
 	@echo "wheel check: ok"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memlend import native
 from memlend.remote import protocol as p
 
 KEY = b"k" * 32
@@ -337,3 +340,9 @@ def test_fuzz_receive_value_agrees_with_receive_data(value, edits: list, cut: in
         return
     [ev] = handshake()[0].receive_data(data)  # whatever the fast path took, this takes too
     assert ev == p.GetReply(3, [None if fast is None else bytes(fast)])
+
+
+@pytest.mark.skipif(os.environ.get(native.ENV) == "0", reason="the Python path was asked for")
+def test_the_native_hot_path_is_built() -> None:
+    # `make install` compiles it; the build is optional for users, not for CI.
+    assert native.lib is not None, native.description

@@ -177,7 +177,9 @@ def lying_lender() -> Iterator[Callable[[], tuple[LenderServer, LyingStore]]]:
     def start() -> tuple[LenderServer, LyingStore]:
         store = LyingStore(4 << 20, 4096)  # a few hundred 4 KiB slots
         sock = socket.create_server(("127.0.0.1", 0))
-        srv = LenderServer(sock, store, auth_key(AUTH), ServerConfig(watch_interval=0.05))
+        # Its lies live in get_parts, which the native GET path does not call.
+        cfg = ServerConfig(watch_interval=0.05, native_gets=False)
+        srv = LenderServer(sock, store, auth_key(AUTH), cfg)
         t = threading.Thread(target=srv.serve_forever, daemon=True)
         t.start()
         started.append((srv, t))

@@ -56,6 +56,7 @@ class MountStats:
     resident_blocks: int = 0
     started: float = 0.0
     metrics: str = ""  # ADDR:PORT the Prometheus endpoint listens on, if any
+    hot_path: str = ""  # the remote tier's: "native" or why it is Python (memlend.native)
     counters: Counters = field(default_factory=Counters, repr=False, compare=False)
 
     def __post_init__(self) -> None:

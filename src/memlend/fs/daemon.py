@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memlend import native
 from memlend.errors import UserError
 from memlend.fs.cache import BlockCache, NoCache, slots_for
 from memlend.fs.passthrough import Passthrough
@@ -357,6 +358,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         direct_io=cfg.direct_io,
         local_tier=cfg.local_tier,
         started=time.time(),
+        hot_path=native.description,
     )
     kernel_tier = cfg.local_tier == "kernel"
     if kernel_tier:  # the kernel's page cache holds the pages: no arena

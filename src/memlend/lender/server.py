@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from memlend import native
 from memlend.lender.cgroup import PressureEvents, pressure_events
 from memlend.lender.clients import AllowedClient
 from memlend.lender.store import Namespace, Store
@@ -43,6 +44,9 @@ class ServerConfig:
     frame_timeout: float = 10.0  # a started frame must complete within this
     max_connections: int = 64
     busy_poll_us: int = 200  # see --busy-poll-us
+    # Answer whole GET chunks in C (memlend.native) when it is built. The C path
+    # reads the store's index itself, so a Store whose get_parts differs opts out.
+    native_gets: bool = True
     watch_interval: float = 0.1
 
 
@@ -90,6 +94,11 @@ class LenderServer:
         # paid on every look of the busy-poll loop (docs/remote.md).
         self.ep = select.epoll()
         self.clients: dict[int, _Client] = {}
+        use_native = native.lib is not None and self.cfg.native_gets
+        self._serve = native.lib.serve_gets if use_native else None
+        self._arena, self._slot_size = store.arena.view, store.slot_size
+        self.get_keys = 0  # keys asked for (stats: CPU per GET)
+        self._cpu_start = time.process_time()
         self.auth_failures = 0
         self.protocol_errors = 0
         self._last_fail_log = 0.0
@@ -255,10 +264,29 @@ class LenderServer:
             self._close(c)
             return
         c.last_active = time.monotonic()
+        if self._serve is not None and c.ns is not None and c.conn.fast_ready:
+            # The hot path in C: parse, look up, one sendmsg from the arena.
+            try:
+                served = self._serve(
+                    c.sock.fileno(), data, c.ns.entries, self._arena, self._slot_size, not c.out
+                )
+            except OSError as e:
+                self._close(c, None if e.errno in (errno.EPIPE, errno.ECONNRESET) else e.strerror)
+                return
+            if served is not None:
+                rest, hits, asked = served
+                c.partial_since = None
+                self.get_keys += asked
+                if rest:
+                    self._send(c, rest)
+                    self._flush(c)
+                self.store.served(c.ns, hits, asked - len(hits))
+                return
         gets = c.conn.receive_gets(data)
         if gets is not None:  # the hot path: whole GET frames, nothing else
             c.partial_since = None
             for request_id, keys in gets:
+                self.get_keys += len(keys)
                 self._reply_get(c, request_id, keys)
             return
         try:
@@ -356,6 +384,7 @@ class LenderServer:
     def _handle(self, c: _Client, ev: p.Event) -> None:
         conn, st = c.conn, self.store
         if isinstance(ev, p.GetRequest):
+            self.get_keys += len(ev.keys)
             self._reply_get(c, ev.request_id, ev.keys)
         elif isinstance(ev, p.PutRequest):
             stored = sum(st.put(c.ns, k, v) for k, v in ev.items)  # type: ignore[arg-type]
@@ -424,6 +453,13 @@ class LenderServer:
         s["connections"] = len(self.clients)
         s["auth_failures"] = self.auth_failures
         s["protocol_errors"] = self.protocol_errors
+        s["hot_path"] = native.description
+        # The lender's whole CPU time (idle polling included) per key served: what
+        # lending costs the host besides memory.
+        cpu = time.process_time() - self._cpu_start
+        s["cpu_seconds"] = round(cpu, 3)
+        s["get_keys"] = self.get_keys
+        s["cpu_us_per_get"] = round(cpu / self.get_keys * 1e6, 1) if self.get_keys else None
         if self.watcher is not None:
             s["reserve"] = self.watcher.reserve
             s["host_available"] = self.watcher.last_available

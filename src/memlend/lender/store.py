@@ -135,6 +135,14 @@ class Store:
         start = slot * self.slot_size
         return self.arena.view[start : start + min(length, self.slot_size)], tail
 
+    def served(self, ns: Namespace, hits: list[bytes], misses: int) -> None:
+        """Count a batch answered outside get_parts (the native path) and let the
+        policy learn of its hits."""
+        self.hits += len(hits)
+        self.misses += misses
+        if hits:
+            self.touched(ns, hits)
+
     def touched(self, ns: Namespace, keys: Iterable[bytes]) -> None:
         """The policy update of get_parts(touch=False) for these (found) keys."""
         touch, idx, entries = self.policy.touch, ns.index, ns.entries

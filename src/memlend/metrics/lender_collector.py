@@ -28,6 +28,8 @@ _COUNTERS = (
     ("memlend_lend_given_back_bytes", "given_back_bytes", "Memory given back to the host"),
     ("memlend_lend_auth_failures", "auth_failures", "Failed authentications"),
     ("memlend_lend_protocol_errors", "protocol_errors", "Malformed requests"),
+    ("memlend_lend_get_keys", "get_keys", "Keys asked for by GETs"),
+    ("memlend_lend_cpu_seconds", "cpu_seconds", "CPU time of the lender (idle polling included)"),
 )
 
 

@@ -45,7 +45,10 @@ class MountCollector(Collector):
         info = InfoMetricFamily("memlend_mount", "The mount's settings")
         info.add_metric(
             [],
-            {k: str(s[k]) for k in ("backing", "mountpoint", "local_tier", "policy", "block_size")},
+            {
+                k: str(s[k])
+                for k in ("backing", "mountpoint", "local_tier", "policy", "block_size", "hot_path")
+            },
         )
         yield info
 

@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Iterable, Sequence
 
+from memlend.native import lib as native
 from memlend.remote import protocol as p
 from memlend.remote.sockio import RemoteAuthError, RemoteError, RemoteTimeout, SpinSocket
 
@@ -62,6 +63,8 @@ class LenderClient(SpinSocket):
             self.close()
             raise
         self.max_value, self.max_keys = ok.max_value, max(1, min(ok.max_keys, p.MAX_KEYS))
+        # The native get_one receives a whole one-value reply into this.
+        self._reply_buf = bytearray(p.HEADER_SIZE + 7 + self.max_value)
 
     # ---- plumbing -----------------------------------------------------------------
 
@@ -131,6 +134,8 @@ class LenderClient(SpinSocket):
         tier's common call, served by the protocol's one-value fast path when the
         reply comes in one piece. Any failure closes the client (RemoteError)."""
         rid = next(self._ids) & 0xFFFFFFFF
+        if native is not None and type(key) is bytes and self._sock is not None:
+            return self._get_one_native(key, deadline, rid)
         try:
             self._send(self._conn.send_get((key,), rid), deadline)
             data = self._recv(deadline, self._spin())
@@ -139,6 +144,42 @@ class LenderClient(SpinSocket):
                 return value
             self._recv_events(data)
             reply = self._expect(p.GetReply, deadline, rid, spin=False)  # spun above
+        except OSError as e:
+            self.close()
+            raise RemoteError(f"lender connection failed: {e}") from e
+        except RemoteError:
+            self.close()
+            raise
+        if len(reply.values) != 1:
+            self.close()
+            raise RemoteError("lender answered a different number of keys")
+        return reply.values[0]
+
+    def _get_one_native(self, key: bytes, deadline: float, rid: int) -> bytes | None:
+        """get_one's round trip in C (memlend._native.get_one): the wait releases the
+        GIL, and spins with sched_yield so that it gives way to any thread that
+        needs this CPU. Anything but a plain one-value reply goes to the Python
+        decoder with the bytes received."""
+        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
+        try:
+            status, data, caught = native.get_one(
+                self._sock.fileno(),
+                rid,
+                key,
+                self._reply_buf,
+                deadline,
+                spin,  # type: ignore[union-attr]
+            )
+            if spin:
+                self._spin_caught(caught)
+            if status == native.GOT_VALUE or status == native.GOT_NONE:
+                return data
+            if status == native.TIMED_OUT:
+                raise self._timed_out()
+            if status == native.CLOSED and not data:
+                raise RemoteError(f"{self.what} closed the connection")
+            self._recv_events(data)
+            reply = self._expect(p.GetReply, deadline, rid, spin=False)
         except OSError as e:
             self.close()
             raise RemoteError(f"lender connection failed: {e}") from e

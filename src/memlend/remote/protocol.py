@@ -48,6 +48,8 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from memlend.native import lib as _native
+
 VERSION = 1
 MAGIC = b"ML"
 HEADER = struct.Struct(">2sBBHII")
@@ -456,8 +458,10 @@ def parse_gets(data: bytes) -> list[tuple[int, list[bytes]]] | None:
         end = pos + HEADER_SIZE + length
         if mtype != _T_GET or magic != MAGIC or version != VERSION or flags or end > n:
             return None
+        if length > MAX_PAYLOAD:
+            return None
         try:
-            keys = _decode_keys(memoryview(data)[pos + HEADER_SIZE : end])
+            keys = py_decode_keys(memoryview(data)[pos + HEADER_SIZE : end])
         except ProtocolError:
             return None
         out.append((request_id, keys))
@@ -614,13 +618,17 @@ class ServerConnection(_Connection):
             return Authenticated(request_id, self.client_id)
         return self._ready(mtype, request_id, payload)
 
+    @property
+    def fast_ready(self) -> bool:
+        """Authenticated, alive and nothing buffered: whole GET frames may take a
+        fast path (receive_gets, or the lender's native serve_gets)."""
+        return self.authenticated and self._dead is None and not self._frames.buffered
+
     def receive_gets(self, data: bytes) -> list[tuple[int, list[bytes]]] | None:
         """The fast path of receive_data for the common case, a chunk of whole GET
         frames on a ready connection: their (request id, keys), without events.
         None means "not that case": feed the same bytes to receive_data instead."""
-        if not self.authenticated or self._dead is not None or self._frames.buffered:
-            return None
-        return parse_gets(data)
+        return parse_gets(data) if self.fast_ready else None
 
     def send_challenge(self) -> bytes:
         if not self._challenge:
@@ -706,6 +714,8 @@ class ClientConnection(_Connection):
         if len(keys) == 1 and 1 <= len(keys[0]) <= MAX_KEY_LEN and 0 <= request_id <= 0xFFFFFFFF:
             k = keys[0]  # the remote tier's common request, packed in one go
             return _GET1.pack(_GET_HEAD, request_id, 3 + len(k), 0, 1, len(k)) + bytes(k)
+        if _native is not None and all(type(k) is bytes for k in keys):
+            return _native.encode_get(keys, request_id)
         return encode_frame(MsgType.GET, request_id, *_encode_keys(keys))
 
     def receive_value(self, data: bytes, request_id: int) -> memoryview | object | None:
@@ -769,3 +779,12 @@ class ClientConnection(_Connection):
 def put_payload_size(key: bytes, value_len: int) -> int:
     """Bytes one item adds to a PUT payload (for splitting batches under MAX_PAYLOAD)."""
     return 1 + len(key) + 4 + value_len
+
+
+# The Python decoders above are the definition; the C ones (memlend.native) replace
+# them when built, and tests/test_native.py fuzzes each pair against each other.
+py_decode_keys, py_decode_values, py_parse_gets = _decode_keys, _decode_values, parse_gets
+if _native is not None:
+    _native.init(ProtocolError)
+    _decode_keys, _decode_values = _native.decode_keys, _native.decode_values
+    parse_gets = _native.parse_gets

@@ -123,6 +123,12 @@ class SpinSocket:
             return False
         return True
 
+    def _spin_caught(self, caught: bool) -> None:
+        self._spin_score = 0.9 * self._spin_score + (0.1 if caught else 0.0)
+        if self._spin_score < 0.3:
+            # Spins that rarely catch a reply only burn CPU: pause them.
+            self._spin_pause, self._spin_score = 256, 0.6
+
     def _recv(self, deadline: float, spin: bool) -> bytes:
         """Whatever arrives next (spinning first if asked); RemoteError at EOF."""
         sock = self._require()
@@ -159,10 +165,7 @@ class SpinSocket:
             else:
                 caught = True
             if not crowd:
-                self._spin_score = 0.9 * self._spin_score + (0.1 if caught else 0.0)
-                if self._spin_score < 0.3:
-                    # Spins that rarely catch a reply only burn CPU: pause them.
-                    self._spin_pause, self._spin_score = 256, 0.6
+                self._spin_caught(caught)
         while True:
             try:
                 return sock.recv(RECV_SIZE)

@@ -1,0 +1,258 @@
+"""The C hot path (memlend._native) against its definition, the Python protocol.
+
+The differential fuzz test feeds the same bytes to the native and the Python decoders
+and requires the same result or the same ProtocolError message; `python -m
+memlend.bench.fuzz_native` runs the same property for a million inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memlend import native
+from memlend.bench import fuzz_native
+from memlend.lender.store import Store
+from memlend.remote import protocol as p
+
+lib = native.lib
+needs_native = pytest.mark.skipif(lib is None, reason=native.description)
+pytestmark = needs_native
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+keys_st = st.lists(st.binary(min_size=1, max_size=p.MAX_KEY_LEN), max_size=6)
+
+
+@FUZZ
+@given(fuzz_native.inputs())
+def test_native_decoders_agree_with_python(data: bytes) -> None:
+    fuzz_native.check(data)
+
+
+@FUZZ
+@given(keys_st, st.integers(0, 0xFFFFFFFF))
+def test_encode_get_is_the_python_frame(keys: list[bytes], rid: int) -> None:
+    assert lib.encode_get(keys, rid) == p.encode_frame(p.MsgType.GET, rid, *p._encode_keys(keys))
+
+
+def test_encode_get_refuses_what_python_refuses() -> None:
+    for keys in ([b""], [b"x" * 65], [b"k"] * 257):
+        with pytest.raises(ValueError):
+            lib.encode_get(keys, 1)
+        with pytest.raises(ValueError):
+            p._encode_keys(keys)
+    with pytest.raises(ValueError):
+        lib.encode_get([b"k"], 1 << 32)
+
+
+# ---- the lender's serve_gets -------------------------------------------------------
+
+
+@pytest.fixture
+def store():
+    st_ = Store(1 << 20, 4096)
+    yield st_
+    st_.close()
+
+
+def python_replies(store: Store, ns, data: bytes) -> bytes:
+    """What LenderServer._reply_get sends for these frames, built the Python way."""
+    out = []
+    for rid, keys in p.py_parse_gets(data):
+        values = []
+        room = p.MAX_PAYLOAD - 2
+        for k in keys:
+            v = store.get_parts(ns, k, False)
+            if v is not None:
+                size = len(v[0]) + len(v[1]) + 5
+                v, room = (None, room) if size > room else (v, room - size)
+            room -= v is None
+            values.append(v)
+        out.append(b"".join(p.get_reply_parts(rid, values)))
+    return b"".join(out)
+
+
+def test_serve_gets_builds_the_replies_the_python_path_builds(store: Store) -> None:
+    ns = store.namespace(b"client")
+    for i in range(20):
+        store.put(ns, b"key%d" % i, os.urandom(4096 + (i % 3) * 10))  # some with a tail
+    c = p.ClientConnection(b"k" * 32, b"c")
+    data = c.send_get([b"key1", b"nope", b"key2"], 5) + c.send_get([b"key19"], 6)
+    data += c.send_get([b"key%d" % i for i in range(20)], 7)
+    rest, hits, asked = lib.serve_gets(-1, data, ns.entries, store.arena.view, 4096, False)
+    assert rest == python_replies(store, ns, data)
+    assert asked == 24 and hits == [b"key1", b"key2", b"key19"] + [b"key%d" % i for i in range(20)]
+    [reply] = c._frames.split(rest)[:1]
+    assert p.py_decode_values(reply[2])[1] is None
+
+
+def test_serve_gets_sends_and_reports_missing_what_overflows_a_frame() -> None:
+    big = Store(8 << 20, 64 << 10)
+    try:
+        ns = big.namespace(b"c")
+        keys = [b"b%d" % i for i in range(70)]  # 70 x 64 KiB > the 4 MiB frame limit
+        for k in keys:
+            assert big.put(ns, k, b"\xab" * (64 << 10))
+        c = p.ClientConnection(b"k" * 32, b"c")
+        data = c.send_get(keys, 9)
+        a, b = socket.socketpair()
+        try:
+            b.setblocking(False)
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            rest, hits, _ = lib.serve_gets(a.fileno(), data, ns.entries, big.arena.view,
+                                               64 << 10, True)  # fmt: skip
+            got = bytearray()
+            while True:
+                try:
+                    got += b.recv(1 << 20)
+                except BlockingIOError:
+                    break
+            whole = bytes(got) + rest
+            assert whole == python_replies(big, ns, data)
+            values = p.py_decode_values(memoryview(whole)[p.HEADER_SIZE :])
+            assert 0 < len(hits) < 70 and values.count(None) == 70 - len(hits)
+        finally:
+            a.close()
+            b.close()
+    finally:
+        big.close()
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_serve_gets_takes_only_what_parse_gets_takes(data: bytes) -> None:
+    s = Store(1 << 20, 4096)
+    try:
+        ns = s.namespace(b"c")
+        r = lib.serve_gets(-1, data, ns.entries, s.arena.view, 4096, False)
+        parsed = p.py_parse_gets(data)
+        assert (r is None) == (parsed is None or parsed == [])
+    finally:
+        s.close()
+
+
+# ---- the client's get_one ------------------------------------------------------------
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def serve_once(b: socket.socket, reply: bytes, delay: float = 0.0, close: bool = False) -> None:
+    def run() -> None:
+        b.recv(4096)
+        time.sleep(delay)
+        if reply:
+            b.sendall(reply)
+        if close:
+            b.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def reply(rid: int, values) -> bytes:
+    return p.ServerConnection(b"k" * 32).send_get_reply(rid, values)
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.0002])
+def test_get_one_returns_the_value_or_none(pair, spin: float) -> None:
+    a, b = pair
+    buf = bytearray(p.HEADER_SIZE + 7 + 70000)
+    serve_once(b, reply(3, [b"v" * 65000]), delay=0.001)
+    status, value, _ = lib.get_one(a.fileno(), 3, b"key", buf, time.monotonic() + 2, spin)
+    assert (status, value) == (lib.GOT_VALUE, b"v" * 65000)
+    serve_once(b, reply(4, [None]))
+    assert lib.get_one(a.fileno(), 4, b"key", buf, time.monotonic() + 2, spin)[:2] == (
+        lib.GOT_NONE,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        reply(9, [b"x"]),  # another request's reply
+        reply(3, [b"x", None]),  # two values
+        p.ServerConnection(b"k" * 32).send_error(3, 3, "busy"),
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        reply(3, [b"x"]) + b"extra",
+    ],
+)
+def test_get_one_hands_anything_else_to_python_with_the_bytes(pair, answer: bytes) -> None:
+    a, b = pair
+    serve_once(b, answer)
+    status, data, _ = lib.get_one(a.fileno(), 3, b"key", bytearray(4096), time.monotonic() + 2, 0.0)
+    assert status == lib.NOT_FAST
+    assert answer.startswith(data) and data
+
+
+def test_get_one_times_out_and_reports_a_closed_peer(pair) -> None:
+    a, b = pair
+    t0 = time.monotonic()
+    status, data, _ = lib.get_one(a.fileno(), 1, b"k", bytearray(4096), t0 + 0.05, 0.0)
+    assert status == lib.TIMED_OUT and data == b""
+    assert 0.05 <= time.monotonic() - t0 < 1.0
+    # A truncated frame that stops coming: the bytes go to Python, which waits on.
+    serve_once(b, reply(2, [b"x" * 100])[:20])
+    status, data, _ = lib.get_one(a.fileno(), 2, b"k", bytearray(4096), time.monotonic() + 0.05,
+                                  0.0)  # fmt: skip
+    assert status == lib.NOT_FAST and len(data) == 20
+    serve_once(b, b"", close=True)
+    assert lib.get_one(a.fileno(), 3, b"k", bytearray(4096), time.monotonic() + 2, 0.0)[0] == (
+        lib.CLOSED
+    )
+
+
+def test_get_one_reads_a_reply_that_came_while_the_caller_was_late(pair) -> None:
+    a, b = pair
+    b_reply = reply(5, [b"late"])
+    b.sendall(b_reply)  # there before the call: a deadline already past is no time-out
+    status, value, _ = lib.get_one(a.fileno(), 5, b"k", bytearray(4096), time.monotonic() - 1, 0.0)
+    assert (status, value) == (lib.GOT_VALUE, b"late")
+
+
+def test_get_one_waits_without_the_gil(pair) -> None:
+    a, _ = pair
+    ticks = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    try:
+        lib.get_one(a.fileno(), 1, b"k", bytearray(4096), time.monotonic() + 0.2, 0.2)
+    finally:
+        stop.set()
+        t.join()
+    assert len(ticks) > 20  # the other thread ran all along (about 200 ticks)
+
+
+def test_bad_arguments_are_errors_not_crashes(pair) -> None:
+    a, _ = pair
+    with pytest.raises(ValueError):
+        lib.get_one(a.fileno(), 1, b"", bytearray(64), 0.0, 0.0)
+    with pytest.raises(ValueError):
+        lib.get_one(-1, 1, b"k", bytearray(64), 0.0, 0.0)
+    with pytest.raises(BufferError):
+        lib.get_one(a.fileno(), 1, b"k", b"read-only", 0.0, 0.0)
+    with pytest.raises(TypeError):
+        lib.serve_gets(-1, b"", [], b"", 4096, False)
+    with pytest.raises(OSError):
+        c = p.ClientConnection(b"k" * 32, b"c")
+        lib.serve_gets(10**6, c.send_get([b"k"], 1), {}, bytearray(4096), 4096, True)
