@@ -256,3 +256,31 @@ def test_bad_arguments_are_errors_not_crashes(pair) -> None:
     with pytest.raises(OSError):
         c = p.ClientConnection(b"k" * 32, b"c")
         lib.serve_gets(10**6, c.send_get([b"k"], 1), {}, bytearray(4096), 4096, True)
+
+
+def test_recv_serve_serves_hands_over_or_reports_eof(store: Store, pair) -> None:
+    a, b = pair
+    ns = store.namespace(b"client")
+    store.put(ns, b"key", b"v" * 4096)
+    args = (ns.entries, store.arena.view, 4096, True)
+    assert lib.recv_serve(a.fileno(), *args) == (None, None)  # nothing there yet
+    c = p.ClientConnection(b"k" * 32, b"c")
+    b.sendall(c.send_get([b"key", b"nope"], 3))
+    time.sleep(0.05)
+    data, (rest, hits, asked) = lib.recv_serve(a.fileno(), *args)
+    assert (data, rest, hits, asked) == (None, b"", [b"key"], 2)
+    assert b.recv(8192) == reply(3, [b"v" * 4096, None])
+    b.sendall(b"GET / HTTP/1.1\r\n")  # not GET frames: the bytes go back to Python
+    time.sleep(0.05)
+    assert lib.recv_serve(a.fileno(), *args) == (b"GET / HTTP/1.1\r\n", None)
+    b.close()
+    time.sleep(0.05)
+    assert lib.recv_serve(a.fileno(), *args) == (b"", None)
+
+
+def test_a_wait_that_ends_long_after_its_deadline_is_the_clients_fault(pair) -> None:
+    a, _ = pair
+    # A deadline 10 ms gone when the thread first looks: what a thread descheduled
+    # past its deadline sees. Nothing came, and the lender is not to blame.
+    out = lib.get_one(a.fileno(), 1, b"k", bytearray(64), time.monotonic() - 0.01, 0.0)
+    assert out[0] == lib.TIMED_OUT_LATE

@@ -328,6 +328,24 @@ static PyObject *join_iov(const struct iovec *iov, size_t n, size_t skip) {
     return out;
 }
 
+/* Checks serve_gets' common arguments; 0 on success, -1 with an exception set. */
+static int serve_args(PyObject *const *args, int *do_send, int *fd, Py_ssize_t *slot_size) {
+    *do_send = PyObject_IsTrue(args[4]);
+    if (*do_send < 0) return -1;
+    *fd = *do_send ? as_fd(args[0]) : -1; /* not sending: no socket needed */
+    if (*do_send && *fd < 0) return -1;
+    if (!PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a dict");
+        return -1;
+    }
+    *slot_size = PyLong_AsSsize_t(args[3]);
+    if (*slot_size <= 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "slot_size must be positive");
+        return -1;
+    }
+    return 0;
+}
+
 /* serve_gets(fd, data, entries, arena, slot_size, send) -> (rest, hits, nkeys) | None
 
    `data`: bytes received on a ready connection with nothing buffered. If it holds
@@ -340,33 +358,8 @@ static PyObject *join_iov(const struct iovec *iov, size_t n, size_t skip) {
    found (for the policy and the counters) and the number of keys asked; None when
    `data` is not that case (the caller feeds it to receive_data). OSError when the
    socket fails. */
-static PyObject *serve_gets(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "serve_gets(fd, data, entries, arena, slot_size, send)");
-        return NULL;
-    }
-    int do_send = PyObject_IsTrue(args[5]);
-    if (do_send < 0) return NULL;
-    int fd = do_send ? as_fd(args[0]) : -1; /* not sending: no socket needed */
-    if (do_send && fd < 0) return NULL;
-    PyObject *entries = args[2];
-    if (!PyDict_CheckExact(entries)) {
-        PyErr_SetString(PyExc_TypeError, "entries must be a dict");
-        return NULL;
-    }
-    Py_ssize_t slot_size = PyLong_AsSsize_t(args[4]);
-    if (slot_size <= 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "slot_size must be positive");
-        return NULL;
-    }
-    Py_buffer db, ab;
-    if (PyObject_GetBuffer(args[1], &db, PyBUF_SIMPLE) < 0) return NULL;
-    if (PyObject_GetBuffer(args[3], &ab, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&db);
-        return NULL;
-    }
-    const unsigned char *d = db.buf;
-    size_t n = (size_t)db.len;
+static PyObject *serve_chunk(int fd, const unsigned char *d, size_t n, PyObject *entries,
+                             const Py_buffer *ab, Py_ssize_t slot_size, int do_send) {
     char why[96];
     PyObject *result = NULL, *hits = NULL;
     unsigned char *scratch = NULL;
@@ -398,8 +391,8 @@ static PyObject *serve_gets(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     unsigned char *s = scratch;
     size_t niov = 0;
-    const char *arena = ab.buf;
-    size_t arena_len = (size_t)ab.len;
+    const char *arena = ab->buf;
+    size_t arena_len = (size_t)ab->len;
     pos = 0;
     while (pos < n) {
         size_t length = be32(d + pos + 10);
@@ -499,9 +492,67 @@ fail:
     Py_XDECREF(hits);
     PyMem_Free(scratch);
     PyMem_Free(iov);
+    return result;
+}
+
+static PyObject *serve_gets(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "serve_gets(fd, data, entries, arena, slot_size, send)");
+        return NULL;
+    }
+    PyObject *rest[5] = {args[0], args[2], args[3], args[4], args[5]};
+    int do_send, fd;
+    Py_ssize_t slot_size;
+    if (serve_args(rest, &do_send, &fd, &slot_size) < 0) return NULL;
+    Py_buffer db, ab;
+    if (PyObject_GetBuffer(args[1], &db, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[3], &ab, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&db);
+        return NULL;
+    }
+    PyObject *out = serve_chunk(fd, db.buf, (size_t)db.len, args[2], &ab, slot_size, do_send);
     PyBuffer_Release(&ab);
     PyBuffer_Release(&db);
-    return result;
+    return out;
+}
+
+#define RECV_SIZE (64 << 10) /* as LenderServer's RECV_SIZE */
+static unsigned char recv_buf[RECV_SIZE]; /* used with the GIL held only */
+
+/* recv_serve(fd, entries, arena, slot_size, send) -> (data, served)
+
+   LenderServer._read's whole hot path: one recv() into a static buffer (no bytes
+   object for the common case), then serve_gets on what came. (None, (rest, hits,
+   asked)) when it served; (bytes received, None) when they are not whole GET frames
+   (the caller decodes them); (b"", None) at end of file; (None, None) when nothing
+   was there. OSError when the socket fails. */
+static PyObject *recv_serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "recv_serve(fd, entries, arena, slot_size, send)");
+        return NULL;
+    }
+    int do_send, fd;
+    Py_ssize_t slot_size;
+    if (serve_args(args, &do_send, &fd, &slot_size) < 0) return NULL;
+    fd = as_fd(args[0]);
+    if (fd < 0) return NULL;
+    ssize_t r;
+    do {
+        r = recv(fd, recv_buf, RECV_SIZE, MSG_DONTWAIT);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return Py_BuildValue("(OO)", Py_None, Py_None);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (r == 0) return Py_BuildValue("(yO)", "", Py_None);
+    Py_buffer ab;
+    if (PyObject_GetBuffer(args[2], &ab, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *served = serve_chunk(fd, recv_buf, (size_t)r, args[1], &ab, slot_size, do_send);
+    PyBuffer_Release(&ab);
+    if (served == NULL) return NULL;
+    if (served != Py_None) return Py_BuildValue("(ON)", Py_None, served);
+    Py_DECREF(served);
+    return Py_BuildValue("(y#O)", (const char *)recv_buf, (Py_ssize_t)r, Py_None);
 }
 
 /* ---- the client: get_one ----------------------------------------------------------- */
@@ -527,7 +578,8 @@ static int wait_fd(int fd, short events, double deadline) {
     }
 }
 
-enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED };
+enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED, TIMED_OUT_LATE };
+#define CLIENT_LATE 0.001 /* seconds past the deadline that only a descheduling explains */
 
 /* get_one(fd, request id, key, buf, deadline, spin_seconds)
        -> (status, value or received bytes, caught while spinning)
@@ -621,7 +673,12 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                 err = errno;
                 break;
             }
-            if (late) break; /* TIMED_OUT */
+            if (late) {
+                /* Woken long after the deadline: this thread was descheduled, and the
+                   lender's time cannot be told from ours (TIMED_OUT_LATE). */
+                if (now_mono() - deadline > CLIENT_LATE) status = TIMED_OUT_LATE;
+                break;
+            }
             double now = now_mono();
             if (spin_until && now < spin_until) {
                 sched_yield();
@@ -653,7 +710,8 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             goto done;
         }
     }
-    if (status == TIMED_OUT && got) status = NOT_FAST; /* part of a reply: Python waits on */
+    if ((status == TIMED_OUT || status == TIMED_OUT_LATE) && got)
+        status = NOT_FAST; /* part of a reply: Python waits on */
     PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
     if (data != NULL) out = Py_BuildValue("(iNO)", status, data, caught ? Py_True : Py_False);
 done:
@@ -674,6 +732,8 @@ static PyMethodDef methods[] = {
     {"encode_get", (PyCFunction)(void (*)(void))encode_get, METH_FASTCALL, "A GET frame"},
     {"serve_gets", (PyCFunction)(void (*)(void))serve_gets, METH_FASTCALL,
      "The lender's answer to a chunk of GET frames"},
+    {"recv_serve", (PyCFunction)(void (*)(void))recv_serve, METH_FASTCALL,
+     "recv() and serve_gets in one call"},
     {"get_one", (PyCFunction)(void (*)(void))get_one, METH_FASTCALL,
      "The client's one-block round trip"},
     {NULL, NULL, 0, NULL},
@@ -694,7 +754,9 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "GOT_NONE", GOT_NONE) < 0 ||
         PyModule_AddIntConstant(m, "NOT_FAST", NOT_FAST) < 0 ||
         PyModule_AddIntConstant(m, "TIMED_OUT", TIMED_OUT) < 0 ||
-        PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0) {
+        PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "TIMED_OUT_LATE", TIMED_OUT_LATE) < 0 ||
+        PyModule_AddObject(m, "CLIENT_LATE", PyFloat_FromDouble(CLIENT_LATE)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -30,6 +30,7 @@ REMOTE_COUNTERS = (
     "remote_dropped_puts",
     "remote_errors",
     "remote_timeouts",
+    "remote_client_delays",
     "seal_failures",
     "remote_deletes",
     "remote_dropped_deletes",

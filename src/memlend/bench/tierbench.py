@@ -23,9 +23,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from memlend import native
+from memlend.remote.client import LenderClient
 from memlend.remote.memcached import MemcachedClient
 from memlend.remote.sealing import client_id_for
-from memlend.remote.secret import load_secret, write_secret
+from memlend.remote.secret import auth_key, load_secret, write_secret
 from memlend.remote.tier import RemoteTier
 
 
@@ -124,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 i = next(it) % 8 * 32
                 tier.get_many(keys[i : i + 32])
 
+            def get_one(tier: RemoteTier = tier, it=it) -> None:
+                tier.get_one(keys[next(it) % 256])
+
             rows.append((f"RemoteTier -> {name}, 1 key", _time(one, args.n)))
+            rows.append((f"RemoteTier.get_one -> {name}", _time(get_one, args.n)))
             rows.append((f"RemoteTier -> {name}, 32 keys", _time(batch, args.n // 4)))
 
         # Baselines on memcached: the same sealed values, no tier.
@@ -140,6 +146,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         raw.close()
+        # The lender's raw client (no tier, no unsealing), as the memcached one above.
+        lc = LenderClient(("127.0.0.1", lport), auth_key(secret), client_id_for(seal))
+        far = time.monotonic() + 1e6
+        rows.append(("raw client (LenderClient), 1 key", _time(lambda: lc.get_one(keys[0], far),
+                                                               args.n)))  # fmt: skip
+        rows.append(
+            (
+                "raw client (LenderClient), 32 keys",
+                _time(lambda: lc.multi_get(keys[:32]), args.n // 4),
+            )
+        )
+        lender_stats = lc.stats()
+        lc.close()
         s = socket.create_connection(("127.0.0.1", mport))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -173,10 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, xs in rows:
             med[name] = _pct(xs, 0.5)
             print(f"{name:48} {med[name]:8.1f} {_pct(xs, 0.9):8.1f} {_pct(xs, 0.99):8.1f}")
-        print("ratios (median):")
+        print(f"hot path: this client {native.description}, lender {lender_stats['hot_path']}")
+        print("throughput ratios, lender / memcached (= memcached's median / the lender's):")
+        for case in (
+            "RemoteTier -> {}, 1 key",
+            "RemoteTier.get_one -> {}",
+            "RemoteTier -> {}, 32 keys",
+        ):
+            a, b = med[case.format("lender")], med[case.format("memcached")]
+            print(f"  {case.format('X')}: {b / a:.2f}")
         for n in ("1 key", "32 keys"):
-            a, b = med[f"RemoteTier -> lender, {n}"], med[f"RemoteTier -> memcached, {n}"]
-            print(f"  {n}: lender / memcached = {a / b:.2f}")
+            a, b = med[f"raw client (LenderClient), {n}"], med[f"raw client (memcached.py), {n}"]
+            print(f"  raw client, {n}: {b / a:.2f}")
+        print(
+            f"  lender CPU: {lender_stats['cpu_seconds']} s for {lender_stats['get_keys']} keys "
+            f"({lender_stats['cpu_us_per_get']} µs per key, spinning included)"
+        )
         base = med["bare blocking socket GET (baseline), 1 key"]
         for name in ("RemoteTier -> lender, 1 key", "RemoteTier -> memcached, 1 key"):
             print(f"  {name} / bare socket baseline = {med[name] / base:.2f}")

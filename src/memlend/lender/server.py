@@ -95,7 +95,7 @@ class LenderServer:
         self.ep = select.epoll()
         self.clients: dict[int, _Client] = {}
         use_native = native.lib is not None and self.cfg.native_gets
-        self._serve = native.lib.serve_gets if use_native else None
+        self._recv_serve = native.lib.recv_serve if use_native else None
         self._arena, self._slot_size = store.arena.view, store.slot_size
         self.get_keys = 0  # keys asked for (stats: CPU per GET)
         self._cpu_start = time.process_time()
@@ -253,35 +253,38 @@ class LenderServer:
         c.sock.close()
 
     def _read(self, c: _Client) -> None:
-        try:
-            data = c.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._close(c, e.strerror)
-            return
-        if not data:
-            self._close(c)
-            return
-        c.last_active = time.monotonic()
-        if self._serve is not None and c.ns is not None and c.conn.fast_ready:
-            # The hot path in C: parse, look up, one sendmsg from the arena.
+        if self._recv_serve is not None and c.ns is not None and c.conn.fast_ready:
+            # The hot path in C: recv, parse, look up, one sendmsg from the arena.
             try:
-                served = self._serve(
-                    c.sock.fileno(), data, c.ns.entries, self._arena, self._slot_size, not c.out
+                data, served = self._recv_serve(
+                    c.sock.fileno(), c.ns.entries, self._arena, self._slot_size, not c.out
                 )
             except OSError as e:
                 self._close(c, None if e.errno in (errno.EPIPE, errno.ECONNRESET) else e.strerror)
                 return
             if served is not None:
+                c.last_active = time.monotonic()
                 rest, hits, asked = served
-                c.partial_since = None
                 self.get_keys += asked
                 if rest:
                     self._send(c, rest)
                     self._flush(c)
                 self.store.served(c.ns, hits, asked - len(hits))
                 return
+            if data is None:
+                return  # nothing there after all
+        else:
+            try:
+                data = c.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._close(c, e.strerror)
+                return
+        if not data:
+            self._close(c)
+            return
+        c.last_active = time.monotonic()
         gets = c.conn.receive_gets(data)
         if gets is not None:  # the hot path: whole GET frames, nothing else
             c.partial_since = None

@@ -30,6 +30,12 @@ _COUNTERS = (
     ("memlend_remote_puts_skipped", "remote_put_skipped", "Puts skipped: the lender has it"),
     ("memlend_remote_errors", "remote_errors", "Failed lender calls (read as misses)"),
     ("memlend_remote_timeouts", "remote_timeouts", "Lender calls past their deadline"),
+    (
+        "memlend_remote_client_delays",
+        "remote_client_delays",
+        "Lender calls past their deadline because this client was descheduled (not counted "
+        "against the lender)",
+    ),
     ("memlend_remote_seal_failures", "seal_failures", "Blocks from lenders that failed AES-GCM"),
     ("memlend_remote_deletes", "remote_deletes", "Blocks deleted from lenders"),
     ("memlend_remote_dropped_deletes", "remote_dropped_deletes", "Deletes dropped: queue full"),

@@ -174,8 +174,8 @@ class LenderClient(SpinSocket):
                 self._spin_caught(caught)
             if status == native.GOT_VALUE or status == native.GOT_NONE:
                 return data
-            if status == native.TIMED_OUT:
-                raise self._timed_out()
+            if status == native.TIMED_OUT or status == native.TIMED_OUT_LATE:
+                raise self._timed_out(client_late=status == native.TIMED_OUT_LATE)
             if status == native.CLOSED and not data:
                 raise RemoteError(f"{self.what} closed the connection")
             self._recv_events(data)

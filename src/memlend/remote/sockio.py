@@ -28,8 +28,18 @@ class RemoteAuthError(RemoteError):
 
 
 class RemoteTimeout(RemoteError):
-    """The remote did not answer before the deadline."""
+    """The remote did not answer before the deadline. `client_late`: this thread woke
+    more than CLIENT_LATE after the deadline (it was descheduled), so the time is not
+    the remote's to blame."""
 
+    def __init__(self, message: str, client_late: bool = False) -> None:
+        super().__init__(message)
+        self.client_late = client_late
+
+
+# Seconds past a deadline that a poll() timer does not overshoot by itself (its slack
+# is 50 µs): a wait that ends later than this was not running (memlend._native too).
+CLIENT_LATE = 0.001
 
 # recv(n) allocates n bytes first: above glibc's mmap threshold (128 KiB) every call
 # maps and unmaps a fresh buffer. Measured on loopback TCP, a 48-byte recv cost 24 µs
@@ -87,8 +97,11 @@ class SpinSocket:
             raise RemoteError("connection closed")
         return self._sock
 
-    def _timed_out(self) -> RemoteTimeout:
-        return RemoteTimeout(f"{self.what} {self.address[0]}:{self.address[1]} timed out")
+    def _timed_out(self, client_late: bool = False) -> RemoteTimeout:
+        where = f"{self.what} {self.address[0]}:{self.address[1]}"
+        if client_late:
+            return RemoteTimeout(f"{where}: no reply, this client was descheduled", True)
+        return RemoteTimeout(f"{where} timed out")
 
     def _send(self, data: bytes, deadline: float | None = None) -> None:
         sock = self._require()
@@ -173,5 +186,5 @@ class SpinSocket:
                 pass
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._timed_out()
+                raise self._timed_out(client_late=-left > CLIENT_LATE)
             poll(left * 1000)

@@ -536,7 +536,11 @@ class RemoteTier:
                         self._known.pop(k, None)
 
     def _fault(self, ld: _Lender, e: BaseException, elapsed: float) -> None:
-        if isinstance(e, RemoteTimeout):
+        if isinstance(e, RemoteTimeout) and e.client_late:
+            # This client was not running when the deadline passed: a miss, but no
+            # count against the lender (suspending a healthy lender for it was a bug).
+            self._count(remote_client_delays=1)
+        elif isinstance(e, RemoteTimeout):
             self._count(remote_timeouts=1)
             ld.health.timeout(elapsed)
             if not ld.health.active:

@@ -1,0 +1,132 @@
+"""Benchmark: what a lender costs its host in CPU, idle and per remote hit.
+
+    python -m memlend.bench.lender_cpu [--rates 1000,10000,0] [--seconds 5] [--idle 10]
+
+Starts two lenders on --server-cpu, one on the native hot path and one with
+MEMLEND_NATIVE=0 (the same code otherwise), and a memcached as the baseline, each
+holding 256 blocks of 16 KiB, and from one client on --client-cpu:
+- leaves a connected client idle for --idle seconds and reads the lender's CPU time
+  (/proc/PID/stat) over it, as a share of one core;
+- sends one-key GETs paced at each rate of --rates (0: back to back) for --seconds,
+  and reports the lender's CPU µs per GET and the GETs/s reached.
+CPU time is the scheduler's own account of every thread of the server
+(/proc/PID/task/*/schedstat, ns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from memlend.bench.tierbench import _free_port, wait_port
+from memlend.remote.client import LenderClient
+from memlend.remote.memcached import MemcachedClient
+from memlend.remote.secret import auth_key, load_secret, write_secret
+
+
+def cpu_seconds(pid: int) -> float:
+    """Time all threads of process `pid` ran, in ns precision (the scheduler's own
+    account; /proc/PID/stat's ticks are sampled and split user/system by sampling)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def paced(client: LenderClient, key: bytes, rate: int, seconds: float) -> int:
+    """GETs at `rate` per second (0: as fast as they come) for `seconds`; count."""
+    n, t0 = 0, time.perf_counter()
+    end, gap = t0 + seconds, (1.0 / rate if rate else 0.0)
+    far = time.monotonic() + 3600
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            return n
+        if gap:
+            due = t0 + n * gap
+            while now < due:  # the client spins on its own CPU, not the lender's
+                now = time.perf_counter()
+        client.get_one(key, far)
+        n += 1
+
+
+def _start(cmd: list[str], port: int, procs: list, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
+    wait_port(port, proc, cmd[3])
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="1000,10000,0", help="GETs/s to pace at (0: unpaced)")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--busy-poll-us", help="passed to the lenders (default: theirs)")
+    ap.add_argument("--client-cpu", type=int, default=0)
+    ap.add_argument("--server-cpu", type=int, default=1)
+    args = ap.parse_args(argv)
+    rates = [int(r) for r in args.rates.split(",")]
+    os.sched_setaffinity(0, {args.client_cpu})
+    pin = ["taskset", "-c", str(args.server_cpu)]
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sf = os.path.join(tmp, "secret")
+        write_secret(sf)
+        key = auth_key(load_secret(sf))
+        try:
+            servers = {}
+            for name, env in (("native", "1"), ("python", "0")):
+                port = _free_port()
+                cmd = [*pin, sys.executable, "-m", "memlend.lender", "--listen",
+                             f"127.0.0.1:{port}", "--memory", "64M", "--secret-file", sf,
+                             "--reserve", "64M", "--foreground"]  # fmt: skip
+                if args.busy_poll_us is not None:
+                    cmd += ["--busy-poll-us", args.busy_poll_us]
+                env = {**os.environ, "MEMLEND_NATIVE": env}
+                servers[name] = (port, _start(cmd, port, procs, env))
+            port = _free_port()
+            mc = [*pin, "memcached", "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-m", "64"]
+            mc += ["-u", "root"] if os.geteuid() == 0 else []
+            servers["memcached"] = (port, _start(mc, port, procs))
+            spin = "their default" if args.busy_poll_us is None else args.busy_poll_us
+            print(f"client on CPU {args.client_cpu}, servers on CPU {args.server_cpu}; "
+                  f"16 KiB values; lenders' --busy-poll-us {spin}; memcached defaults")  # fmt: skip
+            print(f"{'server':10} {'case':16} {'GETs/s':>8} {'CPU µs/GET':>11} "
+                  f"{'CPU % of a core':>16}")  # fmt: skip
+            for name, (port, proc) in servers.items():
+                if name == "memcached":
+                    c = MemcachedClient(("127.0.0.1", port), b"cpu-bench")
+                else:
+                    c = LenderClient(("127.0.0.1", port), key, b"cpu-bench")
+                    assert c.stats()["hot_path"].startswith(name)
+                c.put_many([(b"k%d" % i, os.urandom(16384)) for i in range(256)])
+                time.sleep(1)
+                a = cpu_seconds(proc.pid)
+                time.sleep(args.idle)
+                used = cpu_seconds(proc.pid) - a
+                print(f"{name:10} {'idle, 1 client':16} {0:>8} {'-':>11} "
+                      f"{used / args.idle * 100:>15.1f}%")  # fmt: skip
+                for rate in rates:
+                    a, t0 = cpu_seconds(proc.pid), time.perf_counter()
+                    n = paced(c, b"k7", rate, args.seconds)
+                    took = time.perf_counter() - t0
+                    used = cpu_seconds(proc.pid) - a
+                    label = f"paced {rate}/s" if rate else "back to back"
+                    print(f"{name:10} {label:16} {n / took:>8.0f} {used / n * 1e6:>11.1f} "
+                          f"{used / took * 100:>15.1f}%")  # fmt: skip
+                c.close()
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
