@@ -29,8 +29,10 @@ CACHE_FRACTION = 32  # and at most 1/32 of --cache-size (the rest holds blocks)
 MAX_RATE = 1 / 32
 WINDOW_MIN = 256  # sampled references between decays, at least
 DECAY = 0.5
-_MIX = 0x9E3779B97F4A7C15  # shards.key_hash's multiplier
-_MASK = (1 << 64) - 1
+# shards.key_hash(key) < T is tested as hash(key) * MIX & MASK < cut (cut = T << 40):
+# callers on the hot path inline it, then call record() for the sampled keys only.
+MIX = 0x9E3779B97F4A7C15
+MASK = (1 << 64) - 1
 
 
 def curve_budget(cache_size: int) -> int:
@@ -66,8 +68,7 @@ class LiveCurve:
         self.rate = rate
         self.policy = policy
         self.multipliers = multipliers
-        # key_hash(key) < T, tested as hash x MIX mod 2**64 < T << 40 (one shift less).
-        self._cut = threshold(rate) << 40
+        self.cut = threshold(rate) << 40
         self.minis = [MiniSim(policy, max(1, round(slots * m)), rate) for m in multipliers]
         biggest = max(m.cache.capacity for m in self.minis)
         # The biggest fills in about its size of references: decaying slower than that
@@ -80,9 +81,11 @@ class LiveCurve:
 
     def access(self, key: int, hit: bool) -> None:
         """One lookup of `key` by a read; `hit` says whether the real cache had it."""
-        # shards.key_hash inlined: a call costs ~50 ns more on every lookup.
-        if hash(key) * _MIX & _MASK >= self._cut:
-            return
+        if hash(key) * MIX & MASK < self.cut:
+            self.record(key, hit)
+
+    def record(self, key: int, hit: bool) -> None:
+        """access() of a key known to be sampled."""
         for mini in self.minis:
             mini.access(key)
         self.sampled += 1

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable
 
 from memlend.arena import Arena
-from memlend.mrc import MULTIPLIERS, LiveCurve, curve_budget, curve_policy, curve_rate
+from memlend.mrc import MASK, MIX, MULTIPLIERS, LiveCurve, curve_budget, curve_policy, curve_rate
 from memlend.policies import make_policy, slots_within
 from memlend.stats import MountStats
 
@@ -46,6 +46,8 @@ class BlockCache:
         cpol = curve_policy(policy)
         rate = curve_rate(nslots, curve_budget(cache_size), cpol, MULTIPLIERS)
         self.curve = LiveCurve(nslots, rate, MULTIPLIERS, cpol)
+        # Lookups test the curve's sampling inline (mrc.MIX): a call for each costs ~60 ns.
+        self._cut = self.curve.cut
         self.lock = threading.Lock()
         self._index: dict[int, int] = {}  # key -> slot
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
@@ -80,10 +82,12 @@ class BlockCache:
         slot = self._index.get(key)
         if slot is None:
             self.stats.add("local_misses")
-            self.curve.access(key, False)
+            if hash(key) * MIX & MASK < self._cut:
+                self.curve.record(key, False)
             return -1
         self.policy.touch(key)
-        self.curve.access(key, True)
+        if hash(key) * MIX & MASK < self._cut:
+            self.curve.record(key, True)
         n = self._length[slot]
         src = slot * self.block_size
         if hi > n:
@@ -101,19 +105,22 @@ class BlockCache:
         return each block's valid length, or -1 for a miss."""
         bs = self.block_size
         index, policy, arena, length = self._index, self.policy, self.arena.view, self._length
-        seen = self.curve.access
+        cut, record = self._cut, self.curve.record
         lens = []
         hits = 0
         pos = 0
         for b in range(first, last + 1):
             key = base | b
             slot = index.get(key)
+            sampled = hash(key) * MIX & MASK < cut
             if slot is None:
-                seen(key, False)
+                if sampled:
+                    record(key, False)
                 lens.append(-1)
             else:
                 policy.touch(key)
-                seen(key, True)
+                if sampled:
+                    record(key, True)
                 n = length[slot]
                 a, z = max(pos, lo), min(pos + n, hi)
                 if z > a:
