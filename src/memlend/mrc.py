@@ -24,8 +24,8 @@ from memlend.shards import MODULUS, MiniSim, threshold
 MULTIPLIERS = (0.5, 1, 2, 4, 8)
 MAX_BYTES = 8 << 20  # all miniature caches together, whatever the cache size
 CACHE_FRACTION = 32  # and at most 1/32 of --cache-size (the rest holds blocks)
-# A sampled reference runs five miniature caches (2-4 µs, docs/policies.md); at most
-# one key in 32 keeps that under ~0.15 µs per lookup on average.
+# A sampled reference runs five miniature caches (2-5 µs, docs/policies.md); at most
+# one key in 32 keeps that to ~0.15 µs per lookup on average.
 MAX_RATE = 1 / 32
 WINDOW_MIN = 256  # sampled references between decays, at least
 DECAY = 0.5
@@ -42,7 +42,8 @@ def curve_budget(cache_size: int) -> int:
 
 def curve_rate(slots: int, budget: int, policy: str, multipliers: tuple[float, ...]) -> float:
     """The largest sampling rate (up to MAX_RATE) whose miniature caches fit `budget`."""
-    # One key per multiplier of slack: scaled_size rounds each size up to 1.
+    # One key per multiplier of slack for scaled_size's rounding. (Caches under ~1 MiB
+    # get the five one-key miniature caches, a few KiB past their budget.)
     keys = budget // bookkeeping_bytes(policy) - len(multipliers)
     return max(1 / MODULUS, min(MAX_RATE, keys / (slots * sum(multipliers))))
 
@@ -64,7 +65,6 @@ class LiveCurve:
         multipliers: tuple[float, ...] = MULTIPLIERS,
         policy: str = "lru",
     ) -> None:
-        self.slots = slots
         self.rate = rate
         self.policy = policy
         self.multipliers = multipliers
@@ -112,10 +112,6 @@ class LiveCurve:
             for m, mini in zip(self.multipliers, self.minis, strict=True)
         ]
 
-    def tracked_keys(self) -> int:
-        """Keys the miniature caches hold (their ghosts are within bookkeeping_bytes)."""
-        return sum(len(m.cache) for m in self.minis)
-
     def nbytes(self) -> int:
         """Upper estimate of the miniature caches' memory when full."""
         return sum(m.cache.capacity for m in self.minis) * bookkeeping_bytes(self.policy)
@@ -126,6 +122,7 @@ class LiveCurve:
             "policy": self.policy,
             "rate": self.rate,
             "sampled": self.sampled,
+            "bytes": self.nbytes(),
             "hit_ratio_now": self.hit_ratio,
             "points": [
                 {"multiplier": m, "cache_bytes": b, "hit_ratio": r}
