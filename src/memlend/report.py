@@ -81,6 +81,29 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
         for ld in stats["lenders"]:
             t.add_row(f"lender {ld['url']}", f"{ld['state']}, {ld['blocks_held']} blocks")
     console.print(t)
+    console.print(curve_line(stats), highlight=False)
+
+
+def curve_line(stats: dict) -> str:
+    """Sizing advice from the live miss-ratio curve (memlend.mrc), as one sentence."""
+    curve = stats.get("curve")
+    if curve is None:
+        return "no miss-ratio curve: the kernel page cache's hits never reach memlend"
+    if not curve["sampled"]:
+        return "miss-ratio curve: no read sampled yet"
+    at = {p["multiplier"]: p for p in curve["points"]}
+    bigger = [
+        f"{p['hit_ratio']:.0%} with {m:g}x"
+        + (" the cache" if i == 0 else "")
+        + f" ({human_bytes(p['cache_bytes'])})"
+        for i, (m, p) in enumerate((m, p) for m, p in at.items() if m > 1)
+    ]
+    line = f"local hit ratio {curve['hit_ratio_now']:.0%} now; " + ", ".join(bigger)
+    if 0.5 in at:
+        line += f"; {at[0.5]['hit_ratio']:.0%} with half ({human_bytes(at[0.5]['cache_bytes'])})"
+    if 1 in at:
+        line += f"; {at[1]['hit_ratio']:.0%} simulated at this size"
+    return line + f" ({curve['policy']}, {curve['sampled']} sampled lookups)"
 
 
 def dict_table(title: str, stats: dict, console: Console | None = None) -> None:

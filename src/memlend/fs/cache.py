@@ -7,7 +7,8 @@ slot is never overwritten while a reader copies from it.
 
 The slot count is derived from the memory budget *including* the per-block
 bookkeeping (index entry, policy entries and their ghosts), so cache_size is a
-real bound on what the cache holds, not just on its data.
+real bound on what the cache holds, not just on its data. A slice of the budget
+(mrc.curve_budget) goes to the live miss-ratio curve, which sees every lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from array import array
 from collections.abc import Callable
 
 from memlend.arena import Arena
+from memlend.mrc import MASK, MIX, MULTIPLIERS, LiveCurve, curve_budget, curve_policy, curve_rate
 from memlend.policies import make_policy, slots_within
 from memlend.stats import MountStats
 
@@ -27,8 +29,8 @@ INDEX_BYTES = 128
 
 
 def slots_for(cache_size: int, block_size: int, policy: str) -> int:
-    """How many blocks fit in `cache_size` bytes, bookkeeping included."""
-    return slots_within(cache_size, block_size + INDEX_BYTES, policy)
+    """How many blocks fit in `cache_size` bytes, bookkeeping and curve included."""
+    return slots_within(cache_size - curve_budget(cache_size), block_size + INDEX_BYTES, policy)
 
 
 class BlockCache:
@@ -37,9 +39,15 @@ class BlockCache:
         if nslots < 1:
             raise ValueError(f"cache size {cache_size} holds no block of {block_size} bytes")
         self.block_size = block_size
+        self.cache_size = cache_size
         self.arena = Arena(nslots, block_size, populate=True)
         self.policy = make_policy(policy, nslots)
         self.stats = stats
+        cpol = curve_policy(policy)
+        rate = curve_rate(nslots, curve_budget(cache_size), cpol, MULTIPLIERS)
+        self.curve = LiveCurve(nslots, rate, MULTIPLIERS, cpol)
+        # Lookups test the curve's sampling inline (mrc.MIX): a call for each costs ~60 ns.
+        self._cut = self.curve.cut
         self.lock = threading.Lock()
         self._index: dict[int, int] = {}  # key -> slot
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
@@ -74,8 +82,12 @@ class BlockCache:
         slot = self._index.get(key)
         if slot is None:
             self.stats.add("local_misses")
+            if hash(key) * MIX & MASK < self._cut:
+                self.curve.record(key, False)
             return -1
         self.policy.touch(key)
+        if hash(key) * MIX & MASK < self._cut:
+            self.curve.record(key, True)
         n = self._length[slot]
         src = slot * self.block_size
         if hi > n:
@@ -93,15 +105,22 @@ class BlockCache:
         return each block's valid length, or -1 for a miss."""
         bs = self.block_size
         index, policy, arena, length = self._index, self.policy, self.arena.view, self._length
+        cut, record = self._cut, self.curve.record
         lens = []
         hits = 0
         pos = 0
         for b in range(first, last + 1):
-            slot = index.get(base | b)
+            key = base | b
+            slot = index.get(key)
+            sampled = hash(key) * MIX & MASK < cut
             if slot is None:
+                if sampled:
+                    record(key, False)
                 lens.append(-1)
             else:
-                policy.touch(base | b)
+                policy.touch(key)
+                if sampled:
+                    record(key, True)
                 n = length[slot]
                 a, z = max(pos, lo), min(pos + n, hi)
                 if z > a:
@@ -113,6 +132,16 @@ class BlockCache:
         self.stats.add("local_hits", hits)
         self.stats.add("local_misses", len(lens) - hits)
         return lens
+
+    def streamed(self, base: int, first: int, last: int) -> None:
+        """Blocks first..last of file `base` were served from a read-ahead window:
+        lookups that missed, for the curve (the window read them from disk)."""
+        seen = self.curve.access
+        for b in range(first, last + 1):
+            seen(base | b, False)
+
+    def curve_snapshot(self) -> dict[str, object]:
+        return self.curve.snapshot(self.cache_size)
 
     def insert(self, key: int, data: memoryview) -> None:
         """Store `data` (at most one block) under `key`, evicting as the policy says."""
@@ -189,6 +218,9 @@ class NoCache:
 
     def resident(self, file_id: int) -> int:
         return 0
+
+    def curve_snapshot(self) -> None:
+        return None  # the page cache's hits never reach memlend: no curve to draw
 
     def drop_range(self, file_id: int, first: int, last: int) -> int:
         return 0

@@ -698,6 +698,8 @@ class Passthrough(Operations):
         stats = self.stats.as_dict()
         stats.update(inodes=len(self._inodes), inode_fds=self._fds.open_count(),
                      inode_reopens=self._fds.reopened)  # fmt: skip
+        with self.cache.lock:
+            stats["curve"] = self.cache.curve_snapshot()
         if self.remote is not None:
             stats.update(self.remote.snapshot())
         return stats

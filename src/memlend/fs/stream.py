@@ -130,6 +130,11 @@ class ReadAhead:
                 lo = offset - start
                 result = [w.view[lo : min(lo + size, w.nbytes)]]
                 self.stats.add("local_misses")
+                n = len(result[0])
+                if n:
+                    with self.cache.lock:
+                        first, last = offset >> self.shift, (offset + n - 1) >> self.shift
+                        self.cache.streamed(state.file_id << FILE_SHIFT, first, last)
         nxt = ahead[-1].offset + wsize if ahead else start + wsize
         while len(ahead) <= DEPTH and nxt < state.size:
             self._start(fd, state, nxt, wsize, stream)

@@ -86,6 +86,15 @@ class MountCollector(Collector):
         yield GaugeMetricFamily(
             "memlend_inode_fds", "Open O_PATH fds of inodes", value=s["inode_fds"]
         )
+        if s.get("curve"):
+            curve = GaugeMetricFamily(
+                "memlend_curve_hit_ratio",
+                "Estimated hit ratio of memlend's cache at other sizes (live miss-ratio curve)",
+                labels=["cache_bytes"],
+            )
+            for p in s["curve"]["points"]:
+                curve.add_metric([str(p["cache_bytes"])], p["hit_ratio"])
+            yield curve
         if "lenders" in s:
             yield from _remote(s)
 

@@ -1,0 +1,78 @@
+"""Cost of the live miss-ratio curve on the local tier's lookups (docs/policies.md).
+
+`taskset -c 0 python -m memlend.bench.curve_cost` times BlockCache.copy_one hits and
+misses of one 4 KiB block and copy_out hits of 64 blocks (a 256 KiB read), over
+random keys of a full 64 MiB cache, and the hook alone (LiveCurve.access on keys
+uniform over twice the cache: a sampled share of about the curve's rate), fastest of
+7 runs. Run it once more with PYTHONPATH set to a checkout without the curve for the
+lookups without the hook.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable
+
+from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.stats import MountStats
+
+BS = 4096
+OPS = 200_000
+
+
+def best_ns(run: Callable[[], None], ops: int, repeat: int = 7) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best / ops * 1e9
+
+
+def main(policy: str, cache_size: int = 64 << 20) -> None:
+    cache = BlockCache(cache_size, BS, policy, MountStats())
+    block = memoryview(bytes(BS))
+    base = 1 << FILE_SHIFT
+    with cache.lock:
+        for b in range(cache.slots):
+            cache.insert(base | b, block)
+    rng = random.Random(1)
+    hits = [base | rng.randrange(cache.slots) for _ in range(OPS)]
+    misses = [(2 << FILE_SHIFT) | rng.randrange(1 << 30) for _ in range(OPS)]
+    firsts = [rng.randrange(cache.slots - 64) for _ in range(OPS // 64)]
+    out = memoryview(bytearray(64 * BS))
+    copy_one, copy_out = cache.copy_one, cache.copy_out
+
+    def one(keys: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            with cache.lock:
+                for k in keys:
+                    copy_one(k, 0, BS, out)
+
+        return run
+
+    def many() -> None:
+        with cache.lock:
+            for f in firsts:
+                copy_out(base, f, f + 63, out, 0, 64 * BS)
+
+    curve = getattr(cache, "curve", None)  # None in a checkout without the curve
+    print(f"{policy}, {cache.slots} slots, curve rate {curve and curve.rate}")
+    print(f"copy_one hit   {best_ns(one(hits), OPS):7.0f} ns")
+    print(f"copy_one miss  {best_ns(one(misses), OPS):7.0f} ns")
+    print(f"copy_out 64    {best_ns(many, len(firsts) * 64):7.0f} ns per block")
+    if curve is not None:
+        access = curve.access
+        mixed = [base | rng.randrange(2 * cache.slots) for _ in range(OPS)]
+
+        def hook() -> None:
+            for k in mixed:
+                access(k, True)
+
+        print(f"hook alone     {best_ns(hook, OPS):7.0f} ns")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "lru")
