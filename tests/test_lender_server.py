@@ -216,3 +216,22 @@ def test_many_clients_at_once(lender) -> None:
     for t in threads:
         t.join(30)
     assert not errors
+
+
+def test_an_internal_error_costs_one_connection_not_the_lender(lender) -> None:
+    srv = lender()
+    a, b = client(srv, b"a"), client(srv, b"b")
+    assert a.put_many([(b"k", b"v" * 100)]) == 1
+    real = srv._read
+    broken = {a._sock.getsockname()}
+
+    def read(c) -> None:
+        if c.sock.getpeername() in broken:
+            raise RuntimeError("a bug")
+        real(c)
+
+    srv._read = read  # type: ignore[method-assign]
+    with pytest.raises(RemoteError):
+        a.multi_get([b"k"])
+    assert b.multi_get([b"k"]) == [None]  # the lender serves the others on
+    assert client(srv, b"a").multi_get([b"k"]) == [b"v" * 100]

@@ -247,8 +247,10 @@ def test_bad_arguments_are_errors_not_crashes(pair) -> None:
     a, _ = pair
     with pytest.raises(ValueError):
         lib.get_one(a.fileno(), 1, b"", bytearray(64), 0.0, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(OSError):  # a closed socket's fileno(): as recv() would say
         lib.get_one(-1, 1, b"k", bytearray(64), 0.0, 0.0)
+    with pytest.raises(OSError):
+        lib.recv_serve(-1, {}, bytearray(4096), 4096, True)
     with pytest.raises(BufferError):
         lib.get_one(a.fileno(), 1, b"k", b"read-only", 0.0, 0.0)
     with pytest.raises(TypeError):

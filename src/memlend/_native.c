@@ -49,8 +49,9 @@ static inline void put32(unsigned char *p, uint32_t v) {
 static int as_fd(PyObject *o) {
     long v = PyLong_AsLong(o);
     if (v == -1 && PyErr_Occurred()) return -1;
-    if (v < 0 || v > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+    if (v < 0 || v > INT_MAX) { /* a closed socket's fileno() is -1: as recv() says */
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     return (int)v;

@@ -47,3 +47,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="client and lenders on loopback instead of network namespaces linked by veth",
     )
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="copy the mount's and the lenders' logs to OUT/logs before removing the testbed",
+    )

@@ -56,6 +56,7 @@ class Plan:
     seconds: float
     quick: bool
     netns: bool
+    keep_logs: bool = False
     sqlite_rows: int = 0
     shim: Path | None = None  # readcheck.so, built when postmark is in the plan
 
@@ -87,7 +88,10 @@ def _plan(args: argparse.Namespace) -> Plan:
         if c not in CONFIGS:
             raise UserError(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
     secs = args.seconds or (6.0 if args.quick else 20.0)
-    return Plan(Path(args.out), disks, mem, ds, works, confs, secs, args.quick, not args.no_netns)
+    return Plan(
+        Path(args.out), disks, mem, ds, works, confs, secs, args.quick, not args.no_netns,
+        keep_logs=args.keep_logs,
+    )  # fmt: skip
 
 
 def local_tier(config: str) -> str | None:
@@ -447,6 +451,8 @@ def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") ->
     tb.check_environment(who)
     plan.out.mkdir(parents=True, exist_ok=True)
     bed = tb.Testbed(Path("/var/tmp") / f"{tb.PREFIX}-{os.getpid()}")
+    if plan.keep_logs:
+        bed.keep_logs = plan.out / "logs"
     # both installed explicitly: a SIGINT ignored by the parent (a background job of a
     # non-interactive shell) would otherwise stay ignored and ^C would do nothing
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -219,6 +219,7 @@ class Testbed:
     namespaces: list[str] = field(default_factory=list)
     netns: bool = False
     client_ns: str | None = None
+    keep_logs: Path | None = None  # close() copies the *.log files of `work` here
     _n: int = 0
 
     # ---- set-up ---------------------------------------------------------------
@@ -431,6 +432,10 @@ class Testbed:
             self.namespaces.clear()
             self.client_ns = None
             self.daemons.clear()
+            if self.keep_logs is not None and self.work.is_dir():
+                self.keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in self.work.glob("*.log"):
+                    shutil.copy(log, self.keep_logs / log.name)
             shutil.rmtree(self.work, ignore_errors=True)
         finally:
             for s, h in old.items():

@@ -180,8 +180,14 @@ class LenderServer:
             if c is not None:
                 if mask & select.EPOLLOUT:
                     self._flush(c)
+                    if fd not in clients:  # the flush failed and closed it
+                        continue
                 if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP) and not c.closing:
-                    self._read(c)
+                    try:
+                        self._read(c)
+                    except Exception:  # a bug must cost one connection, not the lender
+                        log.exception("closing %s after an internal error", c.peer)
+                        self._close(c)
             elif fd == self._listen_fd:
                 self._accept()
             elif fd == self._wake_r:

@@ -134,7 +134,7 @@ class LenderClient(SpinSocket):
         tier's common call, served by the protocol's one-value fast path when the
         reply comes in one piece. Any failure closes the client (RemoteError)."""
         rid = next(self._ids) & 0xFFFFFFFF
-        if native is not None and type(key) is bytes and self._sock is not None:
+        if native is not None and type(key) is bytes:
             return self._get_one_native(key, deadline, rid)
         try:
             self._send(self._conn.send_get((key,), rid), deadline)
@@ -162,14 +162,8 @@ class LenderClient(SpinSocket):
         decoder with the bytes received."""
         spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
         try:
-            status, data, caught = native.get_one(
-                self._sock.fileno(),
-                rid,
-                key,
-                self._reply_buf,
-                deadline,
-                spin,  # type: ignore[union-attr]
-            )
+            fd = self._require().fileno()
+            status, data, caught = native.get_one(fd, rid, key, self._reply_buf, deadline, spin)
             if spin:
                 self._spin_caught(caught)
             if status == native.GOT_VALUE or status == native.GOT_NONE:
