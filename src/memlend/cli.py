@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="check this host for memlend, one line per check",
         description="Checks FUSE (a real handshake in a temporary mount: protocol version "
-        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, O_DIRECT "
+        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, the clock "
+        "(clocksource and the cost of reading it), O_DIRECT "
         "on each --backing directory, and that each --lender is reachable and accepts "
         "--secret-file. Exit status 1 if a check fails.",
     )
