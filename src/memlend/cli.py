@@ -579,9 +579,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
-def _parse(raw: list[str]) -> argparse.Namespace:
+def _parse(raw: list[str], prog: str | None = None) -> argparse.Namespace:
     """Parse, after the mount helper form (`memlend SRC MNT -o ...`) is turned into
-    `memlend mount SRC MNT --flags` and the config file's values became defaults."""
+    `memlend mount SRC MNT --flags` and the config file's values became defaults.
+    `prog` names the command in usage and errors instead of `memlend COMMAND`."""
     from memlend import config as config_file
     from memlend import mount_options
 
@@ -595,6 +596,8 @@ def _parse(raw: list[str]) -> argparse.Namespace:
     if at is not None and raw[at] == "mount":
         raw = [*raw[: at + 1], *mount_options.expand_argv(raw[at + 1 :], subs["mount"])]
     path = config_file.config_argument(raw)
+    if prog is not None and at is not None and raw[at] in subs:
+        subs[raw[at]].prog = prog
     if at is not None and raw[at] in ("mount", "lend"):  # the commands the file is for
         sections = config_file.load(path) if path else {}
         for name in ("mount", "lend"):
@@ -607,10 +610,12 @@ def _parse(raw: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run `memlend ARGV`; `prog` is what usage and errors call the command given
+    (`python -m memlend.lender` runs `lend` under its own name)."""
     raw = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _parse(raw)
+        args = _parse(raw, prog)
         return args.func(args)
     except UserError as e:
         print(f"memlend: {e}", file=sys.stderr)
