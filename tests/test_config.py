@@ -4,6 +4,7 @@ real mounts and lenders started from it."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,6 @@ debug = true
 [lend]
 listen = "0.0.0.0:7070"
 memory = "8G"
-secret_file = "/etc/memlend/secret"
 clients = "/etc/memlend/clients"
 metrics = "127.0.0.1:9401"
 reserve = "512M"
@@ -62,7 +62,8 @@ def test_every_key_round_trips(tmp_path: Path) -> None:
     first, errors = config.read(str(write(tmp_path, GOOD)))
     assert errors == []
     assert set(first["mount"]) == set(config.SCHEMA["mount"])  # GOOD sets every key
-    assert set(first["lend"]) == set(config.SCHEMA["lend"])
+    # every key but secret_file, which excludes clients
+    assert set(first["lend"]) == set(config.SCHEMA["lend"]) - {"secret_file"}
     again, errors = config.read(str(write(tmp_path, config.dumps(first), "again.toml")))
     assert errors == []
     assert again == first
@@ -93,6 +94,7 @@ BAD = [
     ("[lend]\nbusy_poll_us = -1\n", "[lend] busy_poll_us: must be at least 0"),
     ('[lend]\nmemory = "lots"\n', "[lend] memory: invalid size 'lots'"),
     ("[lend]\nlenders = []\n", "[lend] unknown key 'lenders'"),
+    ('[lend]\nsecret_file = "s"\nclients = "c"\n', "[lend] secret_file and clients exclude"),
     ("[mounts]\nx = 1\n", "unknown section [mounts]"),
     ("mount = 3\n", "mount must be a table"),
     ("[mount]\ncache_size = \n", "not valid TOML"),
@@ -109,7 +111,7 @@ def test_each_bad_entry_is_one_line(tmp_path: Path, text: str, message: str) -> 
 
 
 def test_config_check_lists_every_error_and_fails(tmp_path: Path) -> None:
-    picked = [BAD[0], BAD[2], BAD[3], BAD[16]]  # [mount] x3, then [mounts]
+    picked = [BAD[0], BAD[2], BAD[3], BAD[17]]  # [mount] x3, then [mounts]
     text = "[mount]\n" + "".join(t.replace("[mount]\n", "") for t, _ in picked[:3])
     path = write(tmp_path, text + picked[3][0])
     proc = memlend("config", "check", str(path), check=False)
@@ -129,6 +131,20 @@ def test_a_bad_file_stops_mount_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1
     assert "cache_size" in proc.stderr and "and 1 more" in proc.stderr
+
+
+def test_secret_file_and_clients_together_are_one_line_everywhere(tmp_path: Path) -> None:
+    path = write(tmp_path, '[lend]\nmemory = "16M"\nsecret_file = "s"\nclients = "c"\n')
+    lend = ["--listen", "127.0.0.1:0", "--foreground"]
+    for cmd in (
+        [*MEMLEND, "config", "check", str(path)],
+        [*MEMLEND, "lend", "--config", str(path), *lend],
+        [sys.executable, "-m", "memlend.lender", "--config", str(path), *lend],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert "[lend] secret_file and clients exclude each other" in proc.stderr
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from conftest import memlend
+from memlend.doctor import check_clock
 
 
 def _lines(out: str) -> dict[str, str]:
@@ -27,7 +29,8 @@ def test_doctor_checks_the_host_and_lenders(lender_factory, secret_file: Path, t
     ok = memlend(*args, "--secret-file", str(secret_file))
     lines = _lines(ok.stdout)
     assert lines["fuse"].startswith(("ok protocol 7.", "warn protocol 7.")), lines
-    assert {"allow_other", "cgroups", "O_DIRECT"} <= lines.keys()
+    assert {"allow_other", "cgroups", "clock", "O_DIRECT"} <= lines.keys()
+    assert "clocksource " in lines["clock"] and " ns per call" in lines["clock"]
     assert lines["O_DIRECT"].endswith("accepts O_DIRECT")  # the project needs it on /tmp
     assert lines[f"lender {lender.url}"].startswith("ok reachable and authenticated")
     # the temporary FUSE mount is gone
@@ -42,3 +45,29 @@ def test_doctor_checks_the_host_and_lenders(lender_factory, secret_file: Path, t
                    str(secret_file), check=False)  # fmt: skip
     assert gone.returncode == 1
     assert _lines(gone.stdout)["lender memlend://127.0.0.1:1"].startswith("FAIL unreachable")
+
+
+def _slow_clock() -> float:
+    """A clock that takes 2 µs a call, as one read through a system call might."""
+    end = time.perf_counter_ns() + 2000
+    while time.perf_counter_ns() < end:
+        pass
+    return 0.0
+
+
+def test_clock_check_warns_on_a_slow_clock_or_clocksource(tmp_path: Path) -> None:
+    source = tmp_path / "current_clocksource"
+    source.write_text("tsc\n")
+    state, what, detail = check_clock(str(source))
+    assert (state, what) == ("ok", "clock"), detail
+    assert detail.startswith("clocksource tsc; time.monotonic() ")
+
+    state, _, detail = check_clock(str(source), clock=_slow_clock)
+    assert state == "warn" and "over 1 µs per call" in detail, detail
+    assert "a slow clock costs every remote hit" in detail
+
+    source.write_text("hpet\n")
+    state, _, detail = check_clock(str(source))
+    assert state == "warn", detail
+    assert detail.startswith("clocksource hpet;") and "hpet is not tsc" in detail
+    assert "over 1 µs" not in detail

@@ -33,13 +33,15 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
+LENDER = [sys.executable, "-m", "memlend.lender"]
+
+
 @pytest.fixture
-def start_lender(secret: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, int]]]:
+def spawn() -> Iterator[Callable[[list[str]], tuple[subprocess.Popen, int]]]:
+    """Start a lender in the foreground from a whole command; its port."""
     procs: list[subprocess.Popen] = []
 
-    def start(*options: str) -> tuple[subprocess.Popen, int]:
-        cmd = [sys.executable, "-m", "memlend.lender", "--listen", "127.0.0.1:0"]
-        cmd += ["--secret-file", str(secret), "--foreground", *options]
+    def start(cmd: list[str]) -> tuple[subprocess.Popen, int]:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         line = proc.stdout.readline()
@@ -55,6 +57,15 @@ def start_lender(secret: Path) -> Iterator[Callable[..., tuple[subprocess.Popen,
             proc.wait(10)
             proc.stdout.close()
             proc.stderr.close()
+
+
+@pytest.fixture
+def start_lender(spawn, secret: Path) -> Callable[..., tuple[subprocess.Popen, int]]:
+    def start(*options: str) -> tuple[subprocess.Popen, int]:
+        return spawn([*LENDER, "--listen", "127.0.0.1:0", "--secret-file", str(secret),
+                      "--foreground", *options])  # fmt: skip
+
+    return start
 
 
 def connect(port: int, secret: Path, cid: bytes = b"t") -> LenderClient:
@@ -115,9 +126,25 @@ def test_memory_is_given_back_when_the_host_is_short(start_lender, secret, tmp_p
         assert rss(proc.pid) < full - 36 * MiB  # the pages really went back to the kernel
 
 
+def test_the_config_file_applies_as_to_memlend_lend(spawn, secret, tmp_path) -> None:
+    path = tmp_path / "memlend.toml"
+    path.write_text(
+        f'[lend]\nlisten = "127.0.0.1:0"\nmemory = "24M"\nblock_size = "8K"\n'
+        f'policy = "lru"\nsecret_file = "{secret}"\n'
+    )
+    for cmd in ([*LENDER], [sys.executable, "-m", "memlend", "lend"]):
+        proc, port = spawn([*cmd, "--config", str(path), "--foreground"])
+        with connect(port, secret) as c:
+            s = c.stats()
+        assert (s["memory_cap"], s["slot_size"]) == (24 * MiB, 8 << 10), (cmd, s)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "policy lru" in proc.stderr.read(), cmd
+
+
 def run_lend(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "memlend.lender", *args],
+        [*LENDER, *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -141,6 +168,10 @@ def test_bad_input_is_one_line_and_exit_2(secret, tmp_path) -> None:
         r = run_lend(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("memlend: "), r.stderr
+    # usage errors name the command as it was run, as `memlend lend` names itself
+    r = run_lend("--listen", "127.0.0.1:0", "--secret-file", str(secret))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("python -m memlend.lender: the following arguments are required")
 
 
 def test_daemon_mode_detaches(secret, tmp_path) -> None:

@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="check this host for memlend, one line per check",
         description="Checks FUSE (a real handshake in a temporary mount: protocol version "
-        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, O_DIRECT "
+        "and the flags the kernel grants), allow_other in /etc/fuse.conf, cgroups, the clock "
+        "(clocksource and the cost of reading it), O_DIRECT "
         "on each --backing directory, and that each --lender is reachable and accepts "
         "--secret-file. Exit status 1 if a check fails.",
     )
@@ -578,9 +579,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
-def _parse(raw: list[str]) -> argparse.Namespace:
+def _parse(raw: list[str], prog: str | None = None) -> argparse.Namespace:
     """Parse, after the mount helper form (`memlend SRC MNT -o ...`) is turned into
-    `memlend mount SRC MNT --flags` and the config file's values became defaults."""
+    `memlend mount SRC MNT --flags` and the config file's values became defaults.
+    `prog` names the command in usage and errors instead of `memlend COMMAND`."""
     from memlend import config as config_file
     from memlend import mount_options
 
@@ -594,6 +596,8 @@ def _parse(raw: list[str]) -> argparse.Namespace:
     if at is not None and raw[at] == "mount":
         raw = [*raw[: at + 1], *mount_options.expand_argv(raw[at + 1 :], subs["mount"])]
     path = config_file.config_argument(raw)
+    if prog is not None and at is not None and raw[at] in subs:
+        subs[raw[at]].prog = prog
     if at is not None and raw[at] in ("mount", "lend"):  # the commands the file is for
         sections = config_file.load(path) if path else {}
         for name in ("mount", "lend"):
@@ -606,10 +610,12 @@ def _parse(raw: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run `memlend ARGV`; `prog` is what usage and errors call the command given
+    (`python -m memlend.lender` runs `lend` under its own name)."""
     raw = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _parse(raw)
+        args = _parse(raw, prog)
         return args.func(args)
     except UserError as e:
         print(f"memlend: {e}", file=sys.stderr)

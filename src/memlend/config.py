@@ -11,7 +11,7 @@
     secret_file = "/etc/memlend/secret"
 
 Keys are the commands' long flags with _ for - (`lenders` is the list behind --lender).
-Flags given on the command line win. validate() reports every problem, one line each.
+Flags given on the command line win. read() reports every problem, one line each.
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
 }
 
 
+# Keys that exclude each other, as their flags do (argparse's mutually exclusive groups).
+EXCLUSIVE: dict[str, list[tuple[str, str]]] = {"lend": [("secret_file", "clients")]}
+
+
 def read(path: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The checked sections of the file at `path` and one line per problem found."""
     try:
@@ -174,6 +178,12 @@ def read(path: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
                 out[section][key] = spec[1](value)
             except ValueError as e:
                 errors.append(f"{path}: [{section}] {key}: {e}")
+        for a, b in EXCLUSIVE.get(section, []):
+            if a in table and b in table:
+                errors.append(
+                    f"{path}: [{section}] {a} and {b} exclude each other "
+                    f"(as --{a.replace('_', '-')} and --{b.replace('_', '-')} do): keep one"
+                )
     return out, errors
 
 

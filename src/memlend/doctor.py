@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from memlend.fuse import wire
 
@@ -82,6 +84,52 @@ def check_cgroups() -> Check:
     return ("warn", "cgroups", "no memory cgroup: the lender watches host memory only")
 
 
+CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+# Clock sources read in user space (vDSO) without a system call.
+FAST_CLOCKSOURCES = ("tsc", "kvm-clock", "arch_sys_counter")
+SLOW_CLOCK_NS = 1000
+
+
+def clock_cost_ns(clock: Callable[[], float], batches: int = 100, per_batch: int = 100) -> float:
+    """Nanoseconds per call of `clock`: the median over batches, so a preemption
+    or an interrupt in one batch does not count."""
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(per_batch):
+            clock()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / per_batch
+
+
+def check_clock(
+    source_file: str = CLOCKSOURCE, clock: Callable[[], float] = time.monotonic
+) -> Check:
+    try:
+        with open(source_file) as f:
+            source = f.read().strip()
+    except OSError as e:
+        source = None
+        detail = f"clocksource unknown ({source_file}: {e.strerror})"
+    else:
+        detail = f"clocksource {source}"
+    cost = clock_cost_ns(clock)
+    detail += f"; time.monotonic() {cost:.0f} ns per call"
+    problems = []
+    if source is not None and source not in FAST_CLOCKSOURCES:
+        problems.append(f"{source} is not tsc, kvm-clock or arch_sys_counter")
+    if cost > SLOW_CLOCK_NS:
+        problems.append(f"over {SLOW_CLOCK_NS / 1000:.0f} µs per call")
+    if not problems:
+        return ("ok", "clock", detail)
+    return (
+        "warn",
+        "clock",
+        f"{detail}: {' and '.join(problems)}; memlend times every remote call and "
+        "read-ahead decision, so a slow clock costs every remote hit",
+    )
+
+
 def check_direct_io(backing: str) -> Check:
     from memlend.fs.daemon import probe_direct_io
 
@@ -133,6 +181,7 @@ def run_checks(backing: list[str], lenders: list[str], secret_file: str | None) 
     yield check_fuse()
     yield check_allow_other()
     yield check_cgroups()
+    yield check_clock()
     for b in backing:
         yield check_direct_io(b)
     for url in lenders:

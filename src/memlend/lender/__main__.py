@@ -1,27 +1,17 @@
-"""`python -m memlend.lender ...`: the lender alone (same options as `memlend lend`)."""
+"""`python -m memlend.lender ...`: the lender alone, exactly `memlend lend ...`."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from memlend.errors import UserError
-from memlend.lender.cli import add_lend_arguments, run_lend
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m memlend.lender")
-    add_lend_arguments(parser)
-    return parser
+from memlend.cli import main as memlend_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_lend(args)
-    except UserError as e:
-        print(f"memlend: {e}", file=sys.stderr)
-        return 2
+    # memlend's own parsing, so the config file, defaults, errors and exit statuses
+    # are those of `memlend lend`.
+    args = sys.argv[1:] if argv is None else list(argv)
+    return memlend_main(["lend", *args], prog="python -m memlend.lender")
 
 
 if __name__ == "__main__":

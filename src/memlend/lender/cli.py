@@ -1,7 +1,7 @@
 """Command-line glue for `memlend lend` and `memlend genkey`.
 
-memlend.cli wires these in (add_*_arguments / run_*); `python -m memlend.lender`
-runs the lender alone. Bad input raises UserError (one line, exit status 2).
+memlend.cli wires these in (add_*_arguments / run_*); `python -m memlend.lender` is
+`memlend lend` under another name. Bad input raises UserError (one line, exit status 2).
 """
 
 from __future__ import annotations
