@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -235,3 +237,38 @@ def test_an_internal_error_costs_one_connection_not_the_lender(lender) -> None:
         a.multi_get([b"k"])
     assert b.multi_get([b"k"]) == [None]  # the lender serves the others on
     assert client(srv, b"a").multi_get([b"k"]) == [b"v" * 100]
+
+
+def test_clients_that_vanish_with_replies_queued_leave_the_lender_serving(lender) -> None:
+    # What a mount does when its reads time out: close the connection while the
+    # lender still has a large reply to send. The lender once died of this.
+    srv = lender(slots=256)
+    keys = [b"k%03d" % i for i in range(200)]
+    assert client(srv, b"a").put_many([(k, b"v" * SLOT) for k in keys]) == 200
+    for _ in range(20):
+        c = client(srv, b"a")
+        sock = c._require()
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # 16 MiB of replies: more than the socket buffers hold, so the lender queues.
+        gets = [c._conn.send_get(keys[i : i + 50], i) for i in range(0, 200, 50)]
+        sock.sendall(b"".join(gets) * 20)
+        time.sleep(0.02)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # reset: the lender's sends and reads fail from here on
+    time.sleep(0.2)
+    assert client(srv, b"a").multi_get(keys[:3]) == [b"v" * SLOT] * 3
+    assert srv._running
+
+
+def test_get_one_gives_the_lender_its_budget_from_the_send(lender) -> None:
+    srv = lender()
+    c = client(srv)
+    c.put_many([(b"k", b"v" * 100)])
+    # A deadline already gone when the call starts (the caller was descheduled): the
+    # lender still has `budget` from the send, and the client says it was late.
+    assert c.get_one(b"k", time.monotonic() - 0.05, 0.5) == b"v" * 100
+    assert not c.late
+    with contextlib.suppress(RemoteError):  # no budget: a hit only if the reply is quick
+        c.get_one(b"k", time.monotonic() - 0.05)
+    assert c.late  # either way it ended 50 ms past its deadline

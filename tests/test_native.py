@@ -162,6 +162,10 @@ def serve_once(b: socket.socket, reply: bytes, delay: float = 0.0, close: bool =
     threading.Thread(target=run, daemon=True).start()
 
 
+def get_one(a: socket.socket, rid: int, deadline: float) -> tuple:
+    return lib.get_one(a.fileno(), rid, b"k", bytearray(4096), deadline, 0.0, 0.0)
+
+
 def reply(rid: int, values) -> bytes:
     return p.ServerConnection(b"k" * 32).send_get_reply(rid, values)
 
@@ -171,10 +175,10 @@ def test_get_one_returns_the_value_or_none(pair, spin: float) -> None:
     a, b = pair
     buf = bytearray(p.HEADER_SIZE + 7 + 70000)
     serve_once(b, reply(3, [b"v" * 65000]), delay=0.001)
-    status, value, _ = lib.get_one(a.fileno(), 3, b"key", buf, time.monotonic() + 2, spin)
+    status, value, _, _ = lib.get_one(a.fileno(), 3, b"key", buf, time.monotonic() + 2, spin, 0.0)
     assert (status, value) == (lib.GOT_VALUE, b"v" * 65000)
     serve_once(b, reply(4, [None]))
-    assert lib.get_one(a.fileno(), 4, b"key", buf, time.monotonic() + 2, spin)[:2] == (
+    assert lib.get_one(a.fileno(), 4, b"key", buf, time.monotonic() + 2, spin, 0.0)[:2] == (
         lib.GOT_NONE,
         None,
     )
@@ -193,7 +197,7 @@ def test_get_one_returns_the_value_or_none(pair, spin: float) -> None:
 def test_get_one_hands_anything_else_to_python_with_the_bytes(pair, answer: bytes) -> None:
     a, b = pair
     serve_once(b, answer)
-    status, data, _ = lib.get_one(a.fileno(), 3, b"key", bytearray(4096), time.monotonic() + 2, 0.0)
+    status, data, _, _ = get_one(a, 3, time.monotonic() + 2)
     assert status == lib.NOT_FAST
     assert answer.startswith(data) and data
 
@@ -201,26 +205,23 @@ def test_get_one_hands_anything_else_to_python_with_the_bytes(pair, answer: byte
 def test_get_one_times_out_and_reports_a_closed_peer(pair) -> None:
     a, b = pair
     t0 = time.monotonic()
-    status, data, _ = lib.get_one(a.fileno(), 1, b"k", bytearray(4096), t0 + 0.05, 0.0)
+    status, data, _, _ = get_one(a, 1, t0 + 0.05)
     assert status == lib.TIMED_OUT and data == b""
     assert 0.05 <= time.monotonic() - t0 < 1.0
     # A truncated frame that stops coming: the bytes go to Python, which waits on.
     serve_once(b, reply(2, [b"x" * 100])[:20])
-    status, data, _ = lib.get_one(a.fileno(), 2, b"k", bytearray(4096), time.monotonic() + 0.05,
-                                  0.0)  # fmt: skip
+    status, data, _, _ = get_one(a, 2, time.monotonic() + 0.05)
     assert status == lib.NOT_FAST and len(data) == 20
     serve_once(b, b"", close=True)
-    assert lib.get_one(a.fileno(), 3, b"k", bytearray(4096), time.monotonic() + 2, 0.0)[0] == (
-        lib.CLOSED
-    )
+    assert get_one(a, 3, time.monotonic() + 2)[0] == (lib.CLOSED)
 
 
 def test_get_one_reads_a_reply_that_came_while_the_caller_was_late(pair) -> None:
     a, b = pair
     b_reply = reply(5, [b"late"])
     b.sendall(b_reply)  # there before the call: a deadline already past is no time-out
-    status, value, _ = lib.get_one(a.fileno(), 5, b"k", bytearray(4096), time.monotonic() - 1, 0.0)
-    assert (status, value) == (lib.GOT_VALUE, b"late")
+    status, value, _, late = get_one(a, 5, time.monotonic() - 1)
+    assert (status, value, late) == (lib.GOT_VALUE, b"late", True)
 
 
 def test_get_one_waits_without_the_gil(pair) -> None:
@@ -236,7 +237,7 @@ def test_get_one_waits_without_the_gil(pair) -> None:
     t = threading.Thread(target=count)
     t.start()
     try:
-        lib.get_one(a.fileno(), 1, b"k", bytearray(4096), time.monotonic() + 0.2, 0.2)
+        lib.get_one(a.fileno(), 1, b"k", bytearray(4096), time.monotonic() + 0.2, 0.2, 0.0)
     finally:
         stop.set()
         t.join()
@@ -246,13 +247,13 @@ def test_get_one_waits_without_the_gil(pair) -> None:
 def test_bad_arguments_are_errors_not_crashes(pair) -> None:
     a, _ = pair
     with pytest.raises(ValueError):
-        lib.get_one(a.fileno(), 1, b"", bytearray(64), 0.0, 0.0)
+        lib.get_one(a.fileno(), 1, b"", bytearray(64), 0.0, 0.0, 0.0)
     with pytest.raises(OSError):  # a closed socket's fileno(): as recv() would say
-        lib.get_one(-1, 1, b"k", bytearray(64), 0.0, 0.0)
+        lib.get_one(-1, 1, b"k", bytearray(64), 0.0, 0.0, 0.0)
     with pytest.raises(OSError):
         lib.recv_serve(-1, {}, bytearray(4096), 4096, True)
     with pytest.raises(BufferError):
-        lib.get_one(a.fileno(), 1, b"k", b"read-only", 0.0, 0.0)
+        lib.get_one(a.fileno(), 1, b"k", b"read-only", 0.0, 0.0, 0.0)
     with pytest.raises(TypeError):
         lib.serve_gets(-1, b"", [], b"", 4096, False)
     with pytest.raises(OSError):
@@ -280,9 +281,17 @@ def test_recv_serve_serves_hands_over_or_reports_eof(store: Store, pair) -> None
     assert lib.recv_serve(a.fileno(), *args) == (b"", None)
 
 
-def test_a_wait_that_ends_long_after_its_deadline_is_the_clients_fault(pair) -> None:
-    a, _ = pair
-    # A deadline 10 ms gone when the thread first looks: what a thread descheduled
-    # past its deadline sees. Nothing came, and the lender is not to blame.
-    out = lib.get_one(a.fileno(), 1, b"k", bytearray(64), time.monotonic() - 0.01, 0.0)
-    assert out[0] == lib.TIMED_OUT_LATE
+def test_the_lender_gets_its_budget_from_the_send_not_from_the_deadline(pair) -> None:
+    a, b = pair
+    # The caller's deadline passed before it sent (a thread descheduled in between):
+    # the lender still gets `budget` seconds from the send, and a timely answer is a hit.
+    serve_once(b, reply(6, [b"v"]), delay=0.01)
+    status, value, _, late = lib.get_one(
+        a.fileno(), 6, b"k", bytearray(4096), time.monotonic() - 0.05, 0.0, 0.5
+    )
+    assert (status, value, late) == (lib.GOT_VALUE, b"v", False)
+    # Without a budget the same call gives up at once, and says it ended late.
+    status, _, _, late = lib.get_one(
+        a.fileno(), 7, b"k", bytearray(4096), time.monotonic() - 0.05, 0.0, 0.0
+    )
+    assert (status, late) == (lib.TIMED_OUT, True)

@@ -579,24 +579,28 @@ static int wait_fd(int fd, short events, double deadline) {
     }
 }
 
-enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED, TIMED_OUT_LATE };
+enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED };
 #define CLIENT_LATE 0.001 /* seconds past the deadline that only a descheduling explains */
 
-/* get_one(fd, request id, key, buf, deadline, spin_seconds)
-       -> (status, value or received bytes, caught while spinning)
+/* get_one(fd, request id, key, buf, deadline, spin_seconds, budget)
+       -> (status, value or received bytes, caught while spinning, late)
 
    The remote tier's one-block call: sends a one-key GET, waits for the reply
    without holding the GIL (other FUSE workers run meanwhile), spinning first for
    `spin_seconds` (a sched_yield between looks, so an application thread that needs
-   this CPU gets it), then sleeping until `deadline` (time.monotonic() clock). `buf`
-   (a bytearray) receives the reply. Status: GOT_VALUE (the sealed blob, a new bytes
-   object), GOT_NONE (not there), NOT_FAST (anything else: the bytes received, for
-   the Python decoder, which may need to read on), TIMED_OUT, CLOSED (peer closed).
-   A reply that arrived is never a time-out: the socket is read once more after the
-   deadline passes, so a client descheduled past it does not blame the lender. */
+   this CPU gets it), then sleeping until `deadline` (time.monotonic() clock), or
+   until `budget` seconds after the request was sent if that is later: time this
+   client spent descheduled before sending is not the lender's. `buf` (a bytearray)
+   receives the reply. Status: GOT_VALUE (the sealed blob, a new bytes object),
+   GOT_NONE (not there), NOT_FAST (anything else: the bytes received, for the Python
+   decoder, which may need to read on), TIMED_OUT, CLOSED (peer closed). After the
+   deadline the socket is read once more: a reply that came while this thread was not
+   running is a hit, not a time-out. `late`: the call ended more than CLIENT_LATE
+   past its deadline, which only a descheduled thread explains (for the stats). */
 static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "get_one(fd, request_id, key, buf, deadline, spin)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "get_one(fd, request_id, key, buf, deadline, spin, budget)");
         return NULL;
     }
     int fd = as_fd(args[0]);
@@ -604,6 +608,7 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     unsigned long rid = PyLong_AsUnsignedLong(args[1]);
     double deadline = PyFloat_AsDouble(args[4]);
     double spin = PyFloat_AsDouble(args[5]);
+    double budget = PyFloat_AsDouble(args[6]);
     if (PyErr_Occurred()) return NULL;
     if (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) < 1 ||
         PyBytes_GET_SIZE(args[2]) > MAX_KEY_LEN || rid > 0xFFFFFFFFul) {
@@ -622,7 +627,7 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (PyObject_GetBuffer(args[3], &bb, PyBUF_WRITABLE) < 0) return NULL;
     unsigned char *buf = bb.buf;
     size_t cap = (size_t)bb.len, got = 0, sent = 0;
-    int status = TIMED_OUT, caught = 0, err = 0;
+    int status = TIMED_OUT, caught = 0, err = 0, late = 0;
 
     Py_BEGIN_ALLOW_THREADS
     while (sent < req_len) {
@@ -643,8 +648,10 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     if (sent == req_len) {
-        double spin_until = spin > 0 ? now_mono() + spin : 0;
-        int late = 0; /* the deadline has passed: one last look, then give up */
+        double sent_at = now_mono();
+        if (budget > 0 && sent_at + budget > deadline) deadline = sent_at + budget;
+        double spin_until = spin > 0 ? sent_at + spin : 0;
+        int last = 0; /* the deadline has passed: one last look, then give up */
         for (;;) {
             ssize_t r = recv(fd, buf + got, cap - got, MSG_DONTWAIT);
             if (r > 0) {
@@ -674,24 +681,21 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                 err = errno;
                 break;
             }
-            if (late) {
-                /* Woken long after the deadline: this thread was descheduled, and the
-                   lender's time cannot be told from ours (TIMED_OUT_LATE). */
-                if (now_mono() - deadline > CLIENT_LATE) status = TIMED_OUT_LATE;
-                break;
-            }
+            if (last) break; /* TIMED_OUT */
             double now = now_mono();
             if (spin_until && now < spin_until) {
                 sched_yield();
                 continue;
             }
             spin_until = 0;
-            if (now >= deadline || wait_fd(fd, POLLIN, deadline) == 0) late = 1;
+            if (now >= deadline || wait_fd(fd, POLLIN, deadline) == 0) last = 1;
         }
     }
+    late = now_mono() - deadline > CLIENT_LATE;
     Py_END_ALLOW_THREADS
 
     PyObject *out = NULL;
+    PyObject *lt = late ? Py_True : Py_False;
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -703,18 +707,19 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         const unsigned char *pl = buf + HEADER_SIZE;
         if (length >= 7 && pl[0] == 0 && pl[1] == 1 && pl[2] == 1 && be32(pl + 3) == length - 7) {
             PyObject *v = PyBytes_FromStringAndSize((const char *)pl + 7, (Py_ssize_t)(length - 7));
-            if (v != NULL) out = Py_BuildValue("(iNO)", GOT_VALUE, v, caught ? Py_True : Py_False);
+            if (v != NULL)
+                out = Py_BuildValue("(iNOO)", GOT_VALUE, v, caught ? Py_True : Py_False, lt);
             goto done;
         }
         if (length == 3 && pl[0] == 0 && pl[1] == 1 && pl[2] == 0) {
-            out = Py_BuildValue("(iOO)", GOT_NONE, Py_None, caught ? Py_True : Py_False);
+            out = Py_BuildValue("(iOOO)", GOT_NONE, Py_None, caught ? Py_True : Py_False, lt);
             goto done;
         }
     }
-    if ((status == TIMED_OUT || status == TIMED_OUT_LATE) && got)
-        status = NOT_FAST; /* part of a reply: Python waits on */
+    if (status == TIMED_OUT && got) status = NOT_FAST; /* part of a reply: Python waits on */
     PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
-    if (data != NULL) out = Py_BuildValue("(iNO)", status, data, caught ? Py_True : Py_False);
+    if (data != NULL)
+        out = Py_BuildValue("(iNOO)", status, data, caught ? Py_True : Py_False, lt);
 done:
     PyBuffer_Release(&bb);
     return out;
@@ -756,7 +761,6 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "NOT_FAST", NOT_FAST) < 0 ||
         PyModule_AddIntConstant(m, "TIMED_OUT", TIMED_OUT) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
-        PyModule_AddIntConstant(m, "TIMED_OUT_LATE", TIMED_OUT_LATE) < 0 ||
         PyModule_AddObject(m, "CLIENT_LATE", PyFloat_FromDouble(CLIENT_LATE)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -4,12 +4,15 @@
 
 Starts a memlend lender (`python -m memlend.lender`, 4K slots) and a memcached,
 both pinned to --server-cpu, pins itself to --client-cpu, stores 4 KiB blocks
-through RemoteTier, then times `get_many` of 1 key and of 32 keys against each, in
-the same run, with the baselines measured alongside: a bare memcached GET of the
-same sealed value over one raw socket (no tier, no sealing), pymemcache's get /
-get_many (if installed: it is how the memcached client was chosen), and the raw
-client of memlend.remote.memcached alone. Prints median / p90 / p99 in µs and
-ratios. Lender and memcached run with their defaults (the lender busy-polls 50 µs).
+through RemoteTier, then times `get_many` of 1 key and of 32 keys and `get_one`
+(the mount's one-block call) against each, in the same run, with the baselines
+measured alongside: the raw clients alone (LenderClient and memlend.remote.memcached:
+no tier, no unsealing), a bare memcached GET of the same sealed value over one raw
+socket, and pymemcache's get / get_many (if installed: it is how the memcached client
+was chosen). Prints median / p90 / p99 in µs, the lender / memcached throughput ratios
+(memcached's median over the lender's), the lender's CPU per key and which hot path
+(native or Python, memlend.native) each side ran. Lender and memcached run with their
+defaults.
 """
 
 from __future__ import annotations

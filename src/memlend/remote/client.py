@@ -129,15 +129,22 @@ class LenderClient(SpinSocket):
             out.extend(reply.values)
         return out
 
-    def get_one(self, key: bytes, deadline: float) -> bytes | memoryview | None:
-        """One key's stored value (None: not there), answered by `deadline`: the remote
-        tier's common call, served by the protocol's one-value fast path when the
-        reply comes in one piece. Any failure closes the client (RemoteError)."""
+    def get_one(
+        self, key: bytes, deadline: float, budget: float = 0.0
+    ) -> bytes | memoryview | None:
+        """One key's stored value (None: not there), answered by `deadline`, or within
+        `budget` seconds of the request's sending if that is later (time this thread
+        lost before sending is not the lender's): the remote tier's common call,
+        served by the protocol's one-value fast path when the reply comes in one
+        piece. Any failure closes the client (RemoteError)."""
         rid = next(self._ids) & 0xFFFFFFFF
+        self.late = False
         if native is not None and type(key) is bytes:
-            return self._get_one_native(key, deadline, rid)
+            return self._get_one_native(key, deadline, budget, rid)
         try:
             self._send(self._conn.send_get((key,), rid), deadline)
+            if budget:
+                deadline = max(deadline, time.monotonic() + budget)
             data = self._recv(deadline, self._spin())
             value = self._conn.receive_value(data, rid)
             if value is not p.NOT_FAST:
@@ -155,7 +162,9 @@ class LenderClient(SpinSocket):
             raise RemoteError("lender answered a different number of keys")
         return reply.values[0]
 
-    def _get_one_native(self, key: bytes, deadline: float, rid: int) -> bytes | None:
+    def _get_one_native(
+        self, key: bytes, deadline: float, budget: float, rid: int
+    ) -> bytes | None:
         """get_one's round trip in C (memlend._native.get_one): the wait releases the
         GIL, and spins with sched_yield so that it gives way to any thread that
         needs this CPU. Anything but a plain one-value reply goes to the Python
@@ -163,15 +172,20 @@ class LenderClient(SpinSocket):
         spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
         try:
             fd = self._require().fileno()
-            status, data, caught = native.get_one(fd, rid, key, self._reply_buf, deadline, spin)
+            status, data, caught, self.late = native.get_one(
+                fd, rid, key, self._reply_buf, deadline, spin, budget
+            )
             if spin:
                 self._spin_caught(caught)
             if status == native.GOT_VALUE or status == native.GOT_NONE:
                 return data
-            if status == native.TIMED_OUT or status == native.TIMED_OUT_LATE:
-                raise self._timed_out(client_late=status == native.TIMED_OUT_LATE)
+            if status == native.TIMED_OUT:
+                raise self._timed_out()
             if status == native.CLOSED and not data:
                 raise RemoteError(f"{self.what} closed the connection")
+            # A reply in pieces: the Python decoder reads the rest, the lender's budget
+            # counted from now (its first bytes came).
+            deadline = max(deadline, time.monotonic() + budget)
             self._recv_events(data)
             reply = self._expect(p.GetReply, deadline, rid, spin=False)
         except OSError as e:

@@ -163,9 +163,13 @@ class MemcachedClient(SpinSocket):
             out[i] = bytes(self._buf[:n])
             del self._buf[: n + 2]
 
-    def get_one(self, key: bytes, deadline: float) -> bytes | None:
-        """One key's value (None: not stored), answered by `deadline`."""
-        return self.finish_get(self.start_get((key,)), deadline)[0]
+    def get_one(self, key: bytes, deadline: float, budget: float = 0.0) -> bytes | None:
+        """One key's value (None: not stored), answered by `deadline`, or within
+        `budget` seconds of sending if that is later (LenderClient.get_one)."""
+        token = self.start_get((key,))
+        if budget:
+            deadline = max(deadline, time.monotonic() + budget)
+        return self.finish_get(token, deadline)[0]
 
     def multi_get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:

@@ -28,13 +28,7 @@ class RemoteAuthError(RemoteError):
 
 
 class RemoteTimeout(RemoteError):
-    """The remote did not answer before the deadline. `client_late`: this thread woke
-    more than CLIENT_LATE after the deadline (it was descheduled), so the time is not
-    the remote's to blame."""
-
-    def __init__(self, message: str, client_late: bool = False) -> None:
-        super().__init__(message)
-        self.client_late = client_late
+    """The remote did not answer before the deadline."""
 
 
 # Seconds past a deadline that a poll() timer does not overshoot by itself (its slack
@@ -65,6 +59,9 @@ class SpinSocket:
         self._spin_score = 1.0  # moving average of "reply arrived while spinning"
         self._spin_pause = 0  # calls left without spinning
         self._sock: socket.socket | None = None
+        # The last wait ended more than CLIENT_LATE past its deadline: this thread was
+        # descheduled (RemoteTier counts it as remote_client_delays).
+        self.late = False
 
     def _connect(self) -> None:
         """Connect (blocking, within `timeout`), then switch to non-blocking; OSError."""
@@ -97,11 +94,8 @@ class SpinSocket:
             raise RemoteError("connection closed")
         return self._sock
 
-    def _timed_out(self, client_late: bool = False) -> RemoteTimeout:
-        where = f"{self.what} {self.address[0]}:{self.address[1]}"
-        if client_late:
-            return RemoteTimeout(f"{where}: no reply, this client was descheduled", True)
-        return RemoteTimeout(f"{where} timed out")
+    def _timed_out(self) -> RemoteTimeout:
+        return RemoteTimeout(f"{self.what} {self.address[0]}:{self.address[1]} timed out")
 
     def _send(self, data: bytes, deadline: float | None = None) -> None:
         sock = self._require()
@@ -181,10 +175,13 @@ class SpinSocket:
                 self._spin_caught(caught)
         while True:
             try:
-                return sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
+                self.late = time.monotonic() - deadline > CLIENT_LATE
+                return data
             except BlockingIOError:
                 pass
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._timed_out(client_late=-left > CLIENT_LATE)
+                self.late = -left > CLIENT_LATE
+                raise self._timed_out()
             poll(left * 1000)

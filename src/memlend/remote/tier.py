@@ -373,7 +373,9 @@ class RemoteTier:
             t0 = time.monotonic()
             try:
                 c, gen = ld.acquire(self.deadline)
-                blob = c.get_one(key, t0 + self.deadline)
+                # The lender gets the whole deadline from the moment the request
+                # leaves, even if this thread lost time before that.
+                blob = c.get_one(key, t0 + self.deadline, self.deadline)
                 answered = True
             except Exception as e:  # invariant 2: a miss, never a failed read
                 if c is not None:
@@ -382,6 +384,8 @@ class RemoteTier:
                     self._fault(ld, e, time.monotonic() - t0)
                 except Exception:
                     errors = 1
+            if c is not None and c.late:  # this thread was descheduled in the wait
+                self.counters.add("remote_client_delays")
             if answered:
                 elapsed = time.monotonic() - t0
                 ld.health.ok(elapsed)
@@ -536,11 +540,7 @@ class RemoteTier:
                         self._known.pop(k, None)
 
     def _fault(self, ld: _Lender, e: BaseException, elapsed: float) -> None:
-        if isinstance(e, RemoteTimeout) and e.client_late:
-            # This client was not running when the deadline passed: a miss, but no
-            # count against the lender (suspending a healthy lender for it was a bug).
-            self._count(remote_client_delays=1)
-        elif isinstance(e, RemoteTimeout):
+        if isinstance(e, RemoteTimeout):
             self._count(remote_timeouts=1)
             ld.health.timeout(elapsed)
             if not ld.health.active:
