@@ -5,9 +5,7 @@ single-threaded loop is as fast as thread-per-connection for a 4 KiB GET and
 needs no locks around the store, and its memory does not grow with a thread stack
 per client. After serving a request it keeps polling without sleeping for a short
 while (busy_poll_us): a cross-CPU wake-up costs far more than the request itself,
-and the spin is bounded, so an idle lender burns no CPU. Spins pause while they stop
-catching the next request within SPIN_CHEAP_NS, so a steady client that asks less
-often does not keep the lender's core busy.
+and the spin is bounded, so an idle lender burns no CPU.
 
 Every connection must authenticate first (protocol.ServerConnection); anything
 malformed closes that connection only. Idle connections, unfinished handshakes
@@ -67,11 +65,6 @@ class _Client:
     closing: bool = False
 
 
-# A spin that catches the next request within this costs the lender no more CPU than
-# the wake-up it saves (lender_cpu: 49 µs of CPU per GET at 1,000/s without a spin,
-# 19.5 back to back); one that waits longer is CPU lent, not memory: a client asking
-# every 100 µs kept a 200 µs spin busy and the lender's core at 99% (docs/benchmarks.md).
-SPIN_CHEAP_NS = 50_000
 URGENT_SECONDS = 2.0  # after a cgroup pressure event, watch closely this long
 URGENT_INTERVAL = 0.01
 
@@ -168,15 +161,13 @@ class LenderServer:
                         pause -= 1
                         break
                     # Bounded spin: catch the client's next request without a wake-up.
-                    start = clock()
-                    deadline = start + spin_ns
+                    deadline = clock() + spin_ns
                     events = poll(0)
                     while not events and clock() < deadline:
                         events = poll(0)
-                    # Spins that rarely catch anything soon only burn the host's CPU
-                    # (or delay a client on the same CPU): pause them for a while.
-                    cheap = events and clock() - start <= SPIN_CHEAP_NS
-                    score = 0.9 * score + (0.1 if cheap else 0.0)
+                    # Spins that rarely catch anything only burn the host's CPU (or
+                    # delay a client on the same CPU): pause them for a while.
+                    score = 0.9 * score + (0.1 if events else 0.0)
                     if score < 0.3:
                         pause, score = 256, 0.6
         finally:
