@@ -162,9 +162,7 @@ class LenderClient(SpinSocket):
             raise RemoteError("lender answered a different number of keys")
         return reply.values[0]
 
-    def _get_one_native(
-        self, key: bytes, deadline: float, budget: float, rid: int
-    ) -> bytes | None:
+    def _get_one_native(self, key: bytes, deadline: float, budget: float, rid: int) -> bytes | None:
         """get_one's round trip in C (memlend._native.get_one): the wait releases the
         GIL, and spins with sched_yield so that it gives way to any thread that
         needs this CPU. Anything but a plain one-value reply goes to the Python
