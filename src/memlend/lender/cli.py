@@ -108,9 +108,10 @@ def add_lend_arguments(parser: argparse.ArgumentParser) -> None:
         default=200,
         metavar="US",
         help="after a request, poll this long before sleeping: catches a client's next "
-        "request without a wake-up (default 200: a remote hit through a mount took 84 "
-        "instead of 138 µs with 50, docs/benchmarks.md), at the price of lender CPU "
-        "while clients are busy; it pauses when spins stop catching requests; 0 disables",
+        "request without a wake-up (default 200: a remote hit through a mount took 69 "
+        "instead of 100 µs without it, docs/benchmarks.md), at the price of lender CPU "
+        "while clients are busy (a client asking every 100 µs keeps it spinning: a whole "
+        "core); it pauses when spins stop catching requests; 0 disables",
     )
     parser.add_argument(
         "--metrics",
