@@ -33,8 +33,8 @@ _COUNTERS = (
     (
         "memlend_remote_client_delays",
         "remote_client_delays",
-        "Lender calls past their deadline because this client was descheduled (not counted "
-        "against the lender)",
+        "Lender calls whose wait ended over 1 ms past its deadline: this client's thread "
+        "was not running (its CPU is saturated)",
     ),
     ("memlend_remote_seal_failures", "seal_failures", "Blocks from lenders that failed AES-GCM"),
     ("memlend_remote_deletes", "remote_deletes", "Blocks deleted from lenders"),
