@@ -139,18 +139,16 @@ class LenderClient(SpinSocket):
         piece. Any failure closes the client (RemoteError)."""
         rid = next(self._ids) & 0xFFFFFFFF
         self.late = False
-        if native is not None and type(key) is bytes:
-            return self._get_one_native(key, deadline, budget, rid)
         try:
-            self._send(self._conn.send_get((key,), rid), deadline)
-            if budget:
-                deadline = max(deadline, time.monotonic() + budget)
-            data = self._recv(deadline, self._spin())
-            value = self._conn.receive_value(data, rid)
-            if value is not p.NOT_FAST:
-                return value
-            self._recv_events(data)
-            reply = self._expect(p.GetReply, deadline, rid, spin=False)  # spun above
+            if native is not None and type(key) is bytes:
+                fast, got, deadline = self._ask_native(key, deadline, budget, rid)
+            else:
+                fast, got, deadline = self._ask(key, deadline, budget, rid)
+            if fast:
+                return got
+            # Not one whole one-value reply: the general decoder judges, reads on.
+            self._recv_events(got)
+            reply = self._expect(p.GetReply, deadline, rid, spin=False)  # spun already
         except OSError as e:
             self.close()
             raise RemoteError(f"lender connection failed: {e}") from e
@@ -162,40 +160,37 @@ class LenderClient(SpinSocket):
             raise RemoteError("lender answered a different number of keys")
         return reply.values[0]
 
-    def _get_one_native(self, key: bytes, deadline: float, budget: float, rid: int) -> bytes | None:
-        """get_one's round trip in C (memlend._native.get_one): the wait releases the
-        GIL, and spins with sched_yield so that it gives way to any thread that
-        needs this CPU. Anything but a plain one-value reply goes to the Python
-        decoder with the bytes received."""
-        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
-        try:
-            fd = self._require().fileno()
-            status, data, caught, self.late = native.get_one(
-                fd, rid, key, self._reply_buf, deadline, spin, budget
-            )
-            if spin:
-                self._spin_caught(caught)
-            if status == native.GOT_VALUE or status == native.GOT_NONE:
-                return data
-            if status == native.TIMED_OUT:
-                raise self._timed_out()
-            if status == native.CLOSED and not data:
-                raise RemoteError(f"{self.what} closed the connection")
-            # A reply in pieces: the Python decoder reads the rest, the lender's budget
-            # counted from now (its first bytes came).
+    def _ask(self, key: bytes, deadline: float, budget: float, rid: int) -> tuple:
+        """get_one's send and first receive in Python: (True, value) from the
+        protocol's one-value fast path, or (False, bytes received), with the deadline
+        to read on by."""
+        self._send(self._conn.send_get((key,), rid), deadline)
+        if budget:
             deadline = max(deadline, time.monotonic() + budget)
-            self._recv_events(data)
-            reply = self._expect(p.GetReply, deadline, rid, spin=False)
-        except OSError as e:
-            self.close()
-            raise RemoteError(f"lender connection failed: {e}") from e
-        except RemoteError:
-            self.close()
-            raise
-        if len(reply.values) != 1:
-            self.close()
-            raise RemoteError("lender answered a different number of keys")
-        return reply.values[0]
+        data = self._recv(deadline, self._spin())
+        value = self._conn.receive_value(data, rid)
+        if value is not p.NOT_FAST:
+            return True, value, deadline
+        return False, data, deadline
+
+    def _ask_native(self, key: bytes, deadline: float, budget: float, rid: int) -> tuple:
+        """_ask in C (memlend._native.get_one): the wait releases the GIL and spins
+        with sched_yield, so it gives way to any thread that needs this CPU."""
+        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
+        fd = self._require().fileno()
+        status, data, caught, self.late = native.get_one(
+            fd, rid, key, self._reply_buf, deadline, spin, budget
+        )
+        if spin:
+            self._spin_caught(caught)
+        if status == native.GOT_VALUE or status == native.GOT_NONE:
+            return True, data, deadline
+        if status == native.TIMED_OUT:
+            raise self._timed_out()
+        if status == native.CLOSED and not data:
+            raise RemoteError(f"{self.what} closed the connection")
+        # A reply in pieces: the lender's budget counts from now (its first bytes came).
+        return False, data, max(deadline, time.monotonic() + budget)
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Store clean blocks; returns how many the lender kept (it may refuse any)."""
