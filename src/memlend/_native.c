@@ -195,23 +195,42 @@ done:
     return out;
 }
 
+/* Is d[0..n) only whole, valid GET frames (protocol.parse_gets's rule)? Counts the
+   frames and their keys; the one place that rule is written here. */
+static int whole_gets(const unsigned char *d, size_t n, size_t *frames, size_t *nkeys) {
+    char why[96];
+    size_t pos = 0;
+    *frames = *nkeys = 0;
+    while (pos < n) {
+        if (n - pos < HEADER_SIZE || !header_is(d + pos, T_GET)) return 0;
+        size_t length = be32(d + pos + 10);
+        if (length > n - pos - HEADER_SIZE) return 0;
+        long k = check_keys(d + pos + HEADER_SIZE, length, why, sizeof why);
+        if (k < 0) return 0;
+        (*frames)++;
+        *nkeys += (size_t)k;
+        pos += HEADER_SIZE + length;
+    }
+    return 1;
+}
+
 /* parse_gets(data) -> [(request id, [keys])] | None: protocol.parse_gets. */
 static PyObject *parse_gets(PyObject *self, PyObject *arg) {
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *d = b.buf;
-    size_t n = (size_t)b.len, pos = 0;
-    char why[96];
-    PyObject *out = PyList_New(0);
+    size_t n = (size_t)b.len, pos = 0, frames, nkeys;
+    PyObject *out = NULL;
+    if (!whole_gets(d, n, &frames, &nkeys)) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    out = PyList_New(0);
     if (out == NULL) goto done;
-    while (pos < n) {
-        if (n - pos < HEADER_SIZE || !header_is(d + pos, T_GET)) goto not_fast;
+    while (pos < n) { /* checked above: every frame is whole and valid */
         size_t length = be32(d + pos + 10);
-        if (length > n - pos - HEADER_SIZE) goto not_fast;
         const unsigned char *payload = d + pos + HEADER_SIZE;
-        long k = check_keys(payload, length, why, sizeof why);
-        if (k < 0) goto not_fast;
-        PyObject *keys = keys_list(payload, (uint32_t)k);
+        PyObject *keys = keys_list(payload, be16(payload));
         if (keys == NULL) goto fail;
         PyObject *item = Py_BuildValue("(kN)", (unsigned long)be32(d + pos + 6), keys);
         if (item == NULL || PyList_Append(out, item) < 0) {
@@ -221,10 +240,6 @@ static PyObject *parse_gets(PyObject *self, PyObject *arg) {
         Py_DECREF(item);
         pos += HEADER_SIZE + length;
     }
-    goto done;
-not_fast:
-    Py_DECREF(out);
-    out = Py_NewRef(Py_None);
     goto done;
 fail:
     Py_CLEAR(out);
@@ -361,25 +376,14 @@ static int serve_args(PyObject *const *args, int *do_send, int *fd, Py_ssize_t *
    socket fails. */
 static PyObject *serve_chunk(int fd, const unsigned char *d, size_t n, PyObject *entries,
                              const Py_buffer *ab, Py_ssize_t slot_size, int do_send) {
-    char why[96];
     PyObject *result = NULL, *hits = NULL;
     unsigned char *scratch = NULL;
     struct iovec *iov = NULL;
 
     /* Pass 1: validate everything first. A malformed frame after good ones must
        not have those answered twice (receive_data answers them, then fails). */
-    size_t pos = 0, frames = 0, nkeys = 0;
-    while (pos < n) {
-        if (n - pos < HEADER_SIZE || !header_is(d + pos, T_GET)) goto not_fast;
-        size_t length = be32(d + pos + 10);
-        if (length > n - pos - HEADER_SIZE) goto not_fast;
-        long k = check_keys(d + pos + HEADER_SIZE, length, why, sizeof why);
-        if (k < 0) goto not_fast;
-        frames++;
-        nkeys += (size_t)k;
-        pos += HEADER_SIZE + length;
-    }
-    if (frames == 0) goto not_fast;
+    size_t pos = 0, frames, nkeys;
+    if (!whole_gets(d, n, &frames, &nkeys) || frames == 0) goto not_fast;
 
     /* Pass 2: build every reply as iovecs over a scratch area (16 bytes of header
        and count per frame, 5 bytes of flag and length per key). */
