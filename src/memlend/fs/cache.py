@@ -135,10 +135,14 @@ class BlockCache:
 
     def streamed(self, base: int, first: int, last: int) -> None:
         """Blocks first..last of file `base` were served from a read-ahead window:
-        lookups that missed, for the curve (the window read them from disk)."""
-        seen = self.curve.access
-        for b in range(first, last + 1):
-            seen(base | b, False)
+        lookups that missed, for the curve (the window read them from disk). The lock
+        is taken only when one of them is sampled (about one read in 32 or fewer)."""
+        cut = self._cut
+        sampled = [k for k in range(base | first, (base | last) + 1) if hash(k) * MIX & MASK < cut]
+        if sampled:
+            with self.lock:
+                for k in sampled:
+                    self.curve.record(k, False)
 
     def curve_snapshot(self) -> dict[str, object]:
         return self.curve.snapshot(self.cache_size)

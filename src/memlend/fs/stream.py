@@ -132,9 +132,8 @@ class ReadAhead:
                 self.stats.add("local_misses")
                 n = len(result[0])
                 if n:
-                    with self.cache.lock:
-                        first, last = offset >> self.shift, (offset + n - 1) >> self.shift
-                        self.cache.streamed(state.file_id << FILE_SHIFT, first, last)
+                    first, last = offset >> self.shift, (offset + n - 1) >> self.shift
+                    self.cache.streamed(state.file_id << FILE_SHIFT, first, last)
         nxt = ahead[-1].offset + wsize if ahead else start + wsize
         while len(ahead) <= DEPTH and nxt < state.size:
             self._start(fd, state, nxt, wsize, stream)
