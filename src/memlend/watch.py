@@ -9,25 +9,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from memlend.metrics.lender_collector import COUNTER_KEYS as LENDER_COUNTERS
 from memlend.report import human_bytes
 from memlend.stats import COUNTERS, REMOTE_COUNTERS
 
 # Monotonic counters, the ones a rate makes sense for (the rest are settings or gauges).
-RATE_KEYS = (
-    frozenset(COUNTERS)
-    | frozenset(REMOTE_COUNTERS)
-    | {
-        # a lender's
-        "hits",
-        "misses",
-        "puts",
-        "refused",
-        "evictions",
-        "given_back_bytes",
-        "auth_failures",
-        "protocol_errors",
-    }
-)
+RATE_KEYS = frozenset(COUNTERS) | frozenset(REMOTE_COUNTERS) | LENDER_COUNTERS
 
 
 HIDDEN = frozenset({"pid", "started"})  # numbers, but not counters worth a row

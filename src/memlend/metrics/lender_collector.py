@@ -33,6 +33,10 @@ _COUNTERS = (
 )
 
 
+# The lender's monotonic counters by their stats key (`memlend stats --watch` rates them).
+COUNTER_KEYS = frozenset(key for _, key, _ in _COUNTERS)
+
+
 class LenderCollector(Collector):
     def __init__(self, stats: Callable[[], dict], per_client: Callable[[], dict[str, int]]):
         self._stats = stats
