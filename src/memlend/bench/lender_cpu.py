@@ -5,12 +5,13 @@
 Starts two lenders on --server-cpu, one on the native hot path and one with
 MEMLEND_NATIVE=0 (the same code otherwise), and a memcached as the baseline, each
 holding 256 blocks of 16 KiB, and from one client on --client-cpu:
-- leaves a connected client idle for --idle seconds and reads the lender's CPU time
-  (/proc/PID/stat) over it, as a share of one core;
+- leaves a connected client idle for --idle seconds and reads the server's CPU time
+  over it, as a share of one core;
 - sends one-key GETs paced at each rate of --rates (0: back to back) for --seconds,
   and reports the lender's CPU µs per GET and the GETs/s reached.
 CPU time is the scheduler's own account of every thread of the server
-(/proc/PID/task/*/schedstat, ns).
+(/proc/PID/task/*/schedstat, ns), not testbed.proc_cpu_seconds's 10 ms ticks: an idle
+lender's share is a fraction of a percent.
 """
 
 from __future__ import annotations
