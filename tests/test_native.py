@@ -184,6 +184,18 @@ def test_get_one_returns_the_value_or_none(pair, spin: float) -> None:
     )
 
 
+def test_get_one_into_a_memoryview_returns_a_view_of_it(pair) -> None:
+    a, b = pair
+    buf = bytearray(p.HEADER_SIZE + 7 + 100)
+    serve_once(b, reply(5, [b"w" * 100]))
+    status, value, _, _ = lib.get_one(
+        a.fileno(), 5, b"key", memoryview(buf), time.monotonic() + 2, 0.0, 0.0
+    )
+    assert status == lib.GOT_VALUE and type(value) is memoryview and value == b"w" * 100
+    buf[-1:] = b"z"  # no copy: the value is the buffer's last 100 bytes
+    assert value[-1:] == b"z"
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -242,6 +254,83 @@ def test_get_one_waits_without_the_gil(pair) -> None:
         stop.set()
         t.join()
     assert len(ticks) > 20  # the other thread ran all along (about 200 ticks)
+
+
+# ---- the client's multi-block wait: recv_values ---------------------------------------
+
+
+def recv_values(a: socket.socket, rid: int, n: int, deadline: float, size: int = 1 << 16):
+    return lib.recv_values(a.fileno(), rid, n, memoryview(bytearray(size)), deadline, 0.0)
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.0002])
+def test_recv_values_returns_views_of_the_values(pair, spin: float) -> None:
+    a, b = pair
+    values = [b"a" * 16384, None, b"", b"c" * 100]
+    b.sendall(reply(8, values))
+    buf = memoryview(bytearray(p.HEADER_SIZE + 2 + 4 * (5 + 16384)))
+    status, got, _, late = lib.recv_values(a.fileno(), 8, 4, buf, time.monotonic() + 2, spin)
+    assert (status, got, late) == (lib.GOT_VALUE, values, False)
+    assert all(v is None or type(v) is memoryview for v in got)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.binary(max_size=300)), min_size=1, max_size=6),
+    st.one_of(st.just(0), st.integers(1, 2000)),  # bytes cut off the end
+    st.integers(0, 7),
+)
+def test_recv_values_agrees_with_the_python_decoder(values, cut: int, rid: int) -> None:
+    """A whole reply for this request with the right count: the values; anything
+    else (cut short, another request, another count) goes to Python as bytes."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        whole = reply(rid, values)
+        frame = whole[: max(1, len(whole) - cut)]
+        b.sendall(frame)
+        status, got, _, _ = recv_values(a, 3, len(values), time.monotonic() + 0.02)
+        if frame == whole and rid == 3:
+            assert (status, got) == (lib.GOT_VALUE, values)
+        else:
+            assert status == lib.NOT_FAST and got == frame
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        reply(3, [b"x"]),  # one value for two keys
+        p.ServerConnection(b"k" * 32).send_error(3, 3, "busy"),
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        reply(3, [b"x", None]) + b"extra",
+    ],
+)
+def test_recv_values_hands_anything_else_to_python(pair, answer: bytes) -> None:
+    a, b = pair
+    b.sendall(answer)
+    status, data, _, _ = recv_values(a, 3, 2, time.monotonic() + 2)
+    assert status == lib.NOT_FAST and answer.startswith(data) and data
+
+
+def test_recv_values_times_out_reports_eof_and_bigger_frames(pair) -> None:
+    a, b = pair
+    t0 = time.monotonic()
+    assert recv_values(a, 1, 1, t0 + 0.05)[:2] == (lib.TIMED_OUT, b"")
+    assert 0.05 <= time.monotonic() - t0 < 1.0
+    big = reply(2, [b"x" * 5000])  # more than the buffer holds: Python reads it
+    b.sendall(big)
+    status, data, _, _ = recv_values(a, 2, 1, time.monotonic() + 2, size=1000)
+    assert status == lib.NOT_FAST and big.startswith(data) and len(data) == 1000
+    a.recv(1 << 16)
+    b.shutdown(socket.SHUT_WR)
+    assert recv_values(a, 3, 1, time.monotonic() + 2)[0] == lib.CLOSED
+    with pytest.raises(ValueError):
+        lib.recv_values(a.fileno(), 1, 0, memoryview(bytearray(64)), 0.0, 0.0)
+    with pytest.raises(ValueError):  # the values would be copies: a view is required
+        lib.recv_values(a.fileno(), 1, 1, bytearray(64), 0.0, 0.0)
 
 
 def test_bad_arguments_are_errors_not_crashes(pair) -> None:

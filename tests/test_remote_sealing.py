@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from memlend.errors import UserError
 from memlend.lender.cli import add_genkey_arguments, run_genkey
-from memlend.remote.sealing import OVERHEAD, Sealer, SealError, client_id_for
+from memlend.remote import sealing
+from memlend.remote.sealing import OVERHEAD, RunSealer, Sealer, SealError, client_id_for
 from memlend.remote.secret import auth_key, load_secret, write_secret
 
 SEALER = Sealer.from_secret(b"s" * 32)
@@ -28,6 +29,32 @@ def test_round_trip_and_overhead() -> None:
         assert SEALER.open(KEY, memoryview(blob)) == data
     # Random nonces: the same block never seals to the same blob.
     assert SEALER.seal(KEY, b"same") != SEALER.seal(KEY, b"same")
+
+
+@pytest.mark.parametrize("into", [True, False], ids=["decrypt_into", "decrypt+copy"])
+def test_open_into_writes_the_plaintext_in_place(monkeypatch, into: bool) -> None:
+    monkeypatch.setattr(sealing, "_DECRYPT_INTO", into and sealing._DECRYPT_INTO)
+    out = memoryview(bytearray(70000))
+    for data in (b"", b"x", os.urandom(4096), os.urandom(65536)):
+        blob = SEALER.seal(KEY, data)
+        assert SEALER.open_into(KEY, memoryview(blob), out) == len(data)
+        assert out[: len(data)] == data
+    blob = bytearray(SEALER.seal(KEY, b"y" * 100))
+    with pytest.raises(SealError, match="longer than a block"):
+        SEALER.open_into(KEY, bytes(blob), out[:99])
+    blob[50] ^= 1
+    with pytest.raises(SealError, match="authentication"):
+        SEALER.open_into(KEY, bytes(blob), out)
+    with pytest.raises(SealError, match="not a sealed blob"):
+        SEALER.open_into(KEY, b"\x01short", out)
+    # A run's sealer opens blocks of its previous key too, and nothing older.
+    run = RunSealer(b"s" * 32, b"epoch001", seals_per_key=1)
+    old = run.seal(KEY, b"old")
+    run.seal(KEY, b"rekeys")  # the second seal starts generation 1
+    assert run.open_into(KEY, old, out) == 3 and out[:3] == b"old"
+    run.seal(KEY, b"again")  # generation 2: `old` is two keys back
+    with pytest.raises(SealError):
+        run.open_into(KEY, old, out)
 
 
 @settings(max_examples=200, deadline=None)

@@ -586,6 +586,45 @@ static int wait_fd(int fd, short events, double deadline) {
 enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED };
 #define CLIENT_LATE 0.001 /* seconds past the deadline that only a descheduling explains */
 
+/* Receives one GET_REPLY frame into buf[0..cap) (GIL released by the caller): spins
+   until `spin_until` (0: not at all; a sched_yield between looks), then sleeps until
+   `deadline`, and looks once more after it (a reply that came while this thread was
+   not running is not a time-out). Returns NOT_FAST when the frame the header
+   announces is whole or when what came cannot be the fast case (another type, bigger
+   than buf): the caller judges buf[0..*gotp). Else TIMED_OUT, CLOSED, or -1 (errno). */
+static int recv_frame(int fd, unsigned char *buf, size_t cap, size_t *gotp, double deadline,
+                      double spin_until, int *caught) {
+    size_t got = 0;
+    int last = 0; /* the deadline has passed: one last look, then give up */
+    for (;;) {
+        ssize_t r = recv(fd, buf + got, cap - got, MSG_DONTWAIT);
+        if (r > 0) {
+            if (got == 0 && spin_until && now_mono() < spin_until) *caught = 1;
+            got += (size_t)r;
+            *gotp = got;
+            if (got >= HEADER_SIZE) {
+                size_t length = be32(buf + 10);
+                if (length > cap - HEADER_SIZE || got >= HEADER_SIZE + length ||
+                    !header_is(buf, T_GET_REPLY))
+                    return NOT_FAST;
+            }
+            if (got == cap) return NOT_FAST;
+            continue;
+        }
+        if (r == 0) return CLOSED;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        if (last) return TIMED_OUT;
+        double now = now_mono();
+        if (spin_until && now < spin_until) {
+            sched_yield();
+            continue;
+        }
+        spin_until = 0;
+        if (now >= deadline || wait_fd(fd, POLLIN, deadline) == 0) last = 1;
+    }
+}
+
 /* get_one(fd, request id, key, buf, deadline, spin_seconds, budget)
        -> (status, value or received bytes, caught while spinning, late)
 
@@ -594,8 +633,10 @@ enum { GOT_VALUE, GOT_NONE, NOT_FAST, TIMED_OUT, CLOSED };
    `spin_seconds` (a sched_yield between looks, so an application thread that needs
    this CPU gets it), then sleeping until `deadline` (time.monotonic() clock), or
    until `budget` seconds after the request was sent if that is later: time this
-   client spent descheduled before sending is not the lender's. `buf` (a bytearray)
-   receives the reply. Status: GOT_VALUE (the sealed blob, a new bytes object),
+   client spent descheduled before sending is not the lender's. `buf` (a bytearray,
+   or a memoryview of one) receives the reply. Status: GOT_VALUE (the sealed blob: a
+   new bytes object, or a slice of `buf` if `buf` is a memoryview, valid until the
+   next call with it),
    GOT_NONE (not there), NOT_FAST (anything else: the bytes received, for the Python
    decoder, which may need to read on), TIMED_OUT, CLOSED (peer closed). After the
    deadline the socket is read once more: a reply that came while this thread was not
@@ -654,46 +695,11 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (sent == req_len) {
         double sent_at = now_mono();
         if (budget > 0 && sent_at + budget > deadline) deadline = sent_at + budget;
-        double spin_until = spin > 0 ? sent_at + spin : 0;
-        int last = 0; /* the deadline has passed: one last look, then give up */
-        for (;;) {
-            ssize_t r = recv(fd, buf + got, cap - got, MSG_DONTWAIT);
-            if (r > 0) {
-                if (got == 0 && spin_until && now_mono() < spin_until) caught = 1;
-                got += (size_t)r;
-                if (got >= HEADER_SIZE) {
-                    size_t length = be32(buf + 10);
-                    /* Complete, or not something this buffer can hold: stop here. */
-                    if (length > cap - HEADER_SIZE || got >= HEADER_SIZE + length ||
-                        !header_is(buf, T_GET_REPLY)) {
-                        status = NOT_FAST;
-                        break;
-                    }
-                }
-                if (got == cap) {
-                    status = NOT_FAST;
-                    break;
-                }
-                continue;
-            }
-            if (r == 0) {
-                status = CLOSED;
-                break;
-            }
-            if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                err = errno;
-                break;
-            }
-            if (last) break; /* TIMED_OUT */
-            double now = now_mono();
-            if (spin_until && now < spin_until) {
-                sched_yield();
-                continue;
-            }
-            spin_until = 0;
-            if (now >= deadline || wait_fd(fd, POLLIN, deadline) == 0) last = 1;
-        }
+        int r = recv_frame(fd, buf, cap, &got, deadline, spin > 0 ? sent_at + spin : 0, &caught);
+        if (r < 0)
+            err = errno;
+        else
+            status = r;
     }
     late = now_mono() - deadline > CLIENT_LATE;
     Py_END_ALLOW_THREADS
@@ -710,7 +716,10 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         size_t length = got - HEADER_SIZE;
         const unsigned char *pl = buf + HEADER_SIZE;
         if (length >= 7 && pl[0] == 0 && pl[1] == 1 && pl[2] == 1 && be32(pl + 3) == length - 7) {
-            PyObject *v = PyBytes_FromStringAndSize((const char *)pl + 7, (Py_ssize_t)(length - 7));
+            Py_ssize_t at = HEADER_SIZE + 7, end = (Py_ssize_t)got;
+            PyObject *v = PyMemoryView_Check(args[3])
+                              ? PySequence_GetSlice(args[3], at, end) /* a view: no copy */
+                              : PyBytes_FromStringAndSize((const char *)pl + 7, end - at);
             if (v != NULL)
                 out = Py_BuildValue("(iNOO)", GOT_VALUE, v, caught ? Py_True : Py_False, lt);
             goto done;
@@ -724,6 +733,99 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
     if (data != NULL)
         out = Py_BuildValue("(iNOO)", status, data, caught ? Py_True : Py_False, lt);
+done:
+    PyBuffer_Release(&bb);
+    return out;
+}
+
+/* The values of the one whole GET_REPLY in buf[0..got) answering request `rid` with
+   `n` values, as slices of `view` (None where absent); NULL without an exception if
+   it is anything else (the caller hands the bytes to the Python decoder). */
+static PyObject *values_in(PyObject *view, const unsigned char *buf, size_t got,
+                           unsigned long rid, uint32_t n) {
+    if (got < HEADER_SIZE || got != HEADER_SIZE + be32(buf + 10) ||
+        !header_is(buf, T_GET_REPLY) || be32(buf + 6) != rid)
+        return NULL;
+    size_t pos = HEADER_SIZE + 2;
+    if (got < pos || be16(buf + HEADER_SIZE) != n) return NULL;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        PyObject *v;
+        if (pos < got && buf[pos] == 0) {
+            v = Py_NewRef(Py_None);
+            pos += 1;
+        } else if (pos < got && buf[pos] == 1 && got - pos >= 5 &&
+                   be32(buf + pos + 1) <= got - pos - 5) {
+            size_t vlen = be32(buf + pos + 1);
+            pos += 5;
+            v = PySequence_GetSlice(view, (Py_ssize_t)pos, (Py_ssize_t)(pos + vlen));
+            if (v == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            pos += vlen;
+        } else {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    if (pos != got) Py_CLEAR(out);
+    return out;
+}
+
+/* recv_values(fd, request id, n, buf, deadline, spin_seconds)
+       -> (status, values or received bytes, caught while spinning, late)
+
+   The client's multi-block wait: the reply to a GET of `n` keys already sent on `fd`,
+   received without the GIL into `buf` (a memoryview of a bytearray big enough for
+   the whole frame) as get_one does. GOT_VALUE: the list of values, slices of `buf`
+   (no copy; valid until the next call with it), None where absent. Else NOT_FAST
+   (the bytes received, for the Python decoder), TIMED_OUT, CLOSED, as get_one. */
+static PyObject *recv_values(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "recv_values(fd, request_id, n, buf, deadline, spin)");
+        return NULL;
+    }
+    int fd = as_fd(args[0]);
+    if (fd < 0) return NULL;
+    unsigned long rid = PyLong_AsUnsignedLong(args[1]);
+    long n = PyLong_AsLong(args[2]);
+    double deadline = PyFloat_AsDouble(args[4]);
+    double spin = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (rid > 0xFFFFFFFFul || n < 1 || n > MAX_KEYS || !PyMemoryView_Check(args[3])) {
+        PyErr_SetString(PyExc_ValueError, "bad request id or key count, or buf not a memoryview");
+        return NULL;
+    }
+    Py_buffer bb;
+    if (PyObject_GetBuffer(args[3], &bb, PyBUF_WRITABLE) < 0) return NULL;
+    unsigned char *buf = bb.buf;
+    size_t cap = (size_t)bb.len, got = 0;
+    int status, caught = 0, err = 0, late;
+    Py_BEGIN_ALLOW_THREADS
+    status = recv_frame(fd, buf, cap, &got, deadline, spin > 0 ? now_mono() + spin : 0, &caught);
+    if (status < 0) err = errno;
+    late = now_mono() - deadline > CLIENT_LATE;
+    Py_END_ALLOW_THREADS
+    PyObject *out = NULL, *cg = caught ? Py_True : Py_False, *lt = late ? Py_True : Py_False;
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    if (status == NOT_FAST) {
+        PyObject *values = values_in(args[3], buf, got, rid, (uint32_t)n);
+        if (values != NULL) {
+            out = Py_BuildValue("(iNOO)", GOT_VALUE, values, cg, lt);
+            goto done;
+        }
+        if (PyErr_Occurred()) goto done;
+    }
+    if (status == TIMED_OUT && got) status = NOT_FAST; /* part of a reply: Python waits on */
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
+    if (data != NULL) out = Py_BuildValue("(iNOO)", status, data, cg, lt);
 done:
     PyBuffer_Release(&bb);
     return out;
@@ -746,6 +848,8 @@ static PyMethodDef methods[] = {
      "recv() and serve_gets in one call"},
     {"get_one", (PyCFunction)(void (*)(void))get_one, METH_FASTCALL,
      "The client's one-block round trip"},
+    {"recv_values", (PyCFunction)(void (*)(void))recv_values, METH_FASTCALL,
+     "The client's multi-block wait"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 i = next(it) % 8 * 32
                 tier.get_many(keys[i : i + 32])
 
-            def get_one(tier: RemoteTier = tier, it=it) -> None:
-                tier.get_one(keys[next(it) % 256])
+            out = memoryview(bytearray(len(block)))
+
+            def get_one(tier: RemoteTier = tier, it=it, out=out) -> None:
+                tier.get_one(keys[next(it) % 256], out)
 
             rows.append((f"RemoteTier -> {name}, 1 key", _time(one, args.n)))
             rows.append((f"RemoteTier.get_one -> {name}", _time(get_one, args.n)))

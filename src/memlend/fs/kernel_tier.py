@@ -57,10 +57,9 @@ class KernelReadPath(ReadPath):
         # Lenders can hold a block only if some were lent at this version of the file.
         if remote is not None and state.lent_version == version:
             if count == 1:
-                data = remote.get_one(remote_key(self.epoch, state.file_id, version, first))
-                if data is not None and len(data) <= bs:  # longer: not a block of ours
-                    lens[0] = len(data)
-                    out[: len(data)] = data
+                lens[0] = remote.get_one(
+                    remote_key(self.epoch, state.file_id, version, first), out[:bs]
+                )
             elif self.gate.ask():
                 self._ask_remote_timed(state.file_id, version, first, lens, out)
         if -1 in lens:

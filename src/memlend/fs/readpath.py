@@ -211,10 +211,8 @@ class ReadPath:
         bs, block = self.bs, key & BLOCK_MASK
         n = -1
         if self.remote is not None:
-            data = self.remote.get_one(_REMOTE_KEY.pack(self.epoch, state.file_id, version, block))
-            if data is not None and len(data) <= bs:  # longer: not a block of ours
-                n = len(data)
-                out[:n] = data
+            key_bytes = _REMOTE_KEY.pack(self.epoch, state.file_id, version, block)
+            n = self.remote.get_one(key_bytes, out[:bs])  # -1: no lender has it
         if n < 0:
             t0 = time.monotonic()
             n = self._read_disk(fd, out[:bs], block * bs, buffered)
@@ -240,12 +238,9 @@ class ReadPath:
         wanted = {
             remote_key(epoch, file_id, version, first + k): k for k, n in enumerate(lens) if n < 0
         }
-        for key, data in self.remote.get_many(list(wanted)).items():
+        into = {key: out[k * bs : (k + 1) * bs] for key, k in wanted.items()}
+        for key, n in self.remote.get_many_into(into).items():
             k = wanted[key]
-            n = len(data)
-            if n > bs:
-                continue  # not a block of ours: the backing store answers instead
-            out[k * bs : k * bs + n] = data
             lens[k] = n
             fetched.append((k, n))
 

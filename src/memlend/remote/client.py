@@ -65,6 +65,7 @@ class LenderClient(SpinSocket):
         self.max_value, self.max_keys = ok.max_value, max(1, min(ok.max_keys, p.MAX_KEYS))
         # The native get_one receives a whole one-value reply into this.
         self._reply_buf = bytearray(p.HEADER_SIZE + 7 + self.max_value)
+        self._reply_view = memoryview(self._reply_buf)
 
     # ---- plumbing -----------------------------------------------------------------
 
@@ -130,18 +131,19 @@ class LenderClient(SpinSocket):
         return out
 
     def get_one(
-        self, key: bytes, deadline: float, budget: float = 0.0
+        self, key: bytes, deadline: float, budget: float = 0.0, view: bool = False
     ) -> bytes | memoryview | None:
         """One key's stored value (None: not there), answered by `deadline`, or within
         `budget` seconds of the request's sending if that is later (time this thread
         lost before sending is not the lender's): the remote tier's common call,
         served by the protocol's one-value fast path when the reply comes in one
-        piece. Any failure closes the client (RemoteError)."""
+        piece. Any failure closes the client (RemoteError). `view`: the value may be
+        a view of this client's reply buffer, valid until its next call (no copy)."""
         rid = next(self._ids) & 0xFFFFFFFF
         self.late = False
         try:
             if native is not None and type(key) is bytes:
-                fast, got, deadline = self._ask_native(key, deadline, budget, rid)
+                fast, got, deadline = self._ask_native(key, deadline, budget, rid, view)
             else:
                 fast, got, deadline = self._ask(key, deadline, budget, rid)
             if fast:
@@ -173,14 +175,15 @@ class LenderClient(SpinSocket):
             return True, value, deadline
         return False, data, deadline
 
-    def _ask_native(self, key: bytes, deadline: float, budget: float, rid: int) -> tuple:
+    def _ask_native(
+        self, key: bytes, deadline: float, budget: float, rid: int, view: bool
+    ) -> tuple:
         """_ask in C (memlend._native.get_one): the wait releases the GIL and spins
         with sched_yield, so it gives way to any thread that needs this CPU."""
         spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
         fd = self._require().fileno()
-        status, data, caught, self.late = native.get_one(
-            fd, rid, key, self._reply_buf, deadline, spin, budget
-        )
+        buf = self._reply_view if view else self._reply_buf
+        status, data, caught, self.late = native.get_one(fd, rid, key, buf, deadline, spin, budget)
         if spin:
             self._spin_caught(caught)
         if status == native.GOT_VALUE or status == native.GOT_NONE:

@@ -163,9 +163,12 @@ class MemcachedClient(SpinSocket):
             out[i] = bytes(self._buf[:n])
             del self._buf[: n + 2]
 
-    def get_one(self, key: bytes, deadline: float, budget: float = 0.0) -> bytes | None:
+    def get_one(
+        self, key: bytes, deadline: float, budget: float = 0.0, view: bool = False
+    ) -> bytes | None:
         """One key's value (None: not stored), answered by `deadline`, or within
-        `budget` seconds of sending if that is later (LenderClient.get_one)."""
+        `budget` seconds of sending if that is later (LenderClient.get_one; always a
+        copy here, whatever `view` says)."""
         token = self.start_get((key,))
         if budget:
             deadline = max(deadline, time.monotonic() + budget)

@@ -44,6 +44,11 @@ SEALS_PER_KEY = 1 << 31
 CLIENT_ID_LABEL = b"memlend client id v1"
 
 
+# cryptography 47+ opens into a caller's buffer: a 16 KiB block then costs 2.5 µs
+# instead of 3.5 (no new bytes object, no copy into the reply; docs/native.md).
+_DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")
+
+
 class SealError(Exception):
     """A blob failed to open: tampered, truncated, or stored under another key."""
 
@@ -78,6 +83,25 @@ class Sealer:
         view = memoryview(blob)
         try:
             return self._aead.decrypt(view[1 : 1 + NONCE_LEN], view[1 + NONCE_LEN :], key_bytes)
+        except InvalidTag:
+            raise SealError("sealed blob failed authentication") from None
+
+    def open_into(self, key_bytes: bytes, blob: bytes | memoryview, out: memoryview) -> int:
+        """open() straight into out[:n]; returns n. On SealError out[:n] may hold
+        unverified bytes: the caller overwrites them (the block is read from disk)."""
+        n = len(blob) - OVERHEAD
+        if n < 0 or blob[0] != FORMAT:
+            raise SealError("not a sealed blob (too short or unknown format)")
+        if n > len(out):
+            raise SealError("sealed blob longer than a block")
+        view = memoryview(blob)
+        if not _DECRYPT_INTO:
+            out[:n] = self.open(key_bytes, view)
+            return n
+        try:
+            return self._aead.decrypt_into(
+                view[1 : 1 + NONCE_LEN], view[1 + NONCE_LEN :], key_bytes, out[:n]
+            )
         except InvalidTag:
             raise SealError("sealed blob failed authentication") from None
 
@@ -128,3 +152,12 @@ class RunSealer:
             if previous is None:
                 raise
             return previous.open(key_bytes, blob)
+
+    def open_into(self, key_bytes: bytes, blob: bytes | memoryview, out: memoryview) -> int:
+        current, previous = self._current, self._previous
+        try:
+            return current.open_into(key_bytes, blob, out)
+        except SealError:
+            if previous is None:
+                raise
+            return previous.open_into(key_bytes, blob, out)

@@ -3,6 +3,7 @@
     tier = RemoteTier(["memlend://10.0.0.2:7070", "memcached://10.0.0.3:11211"],
                       auth_secret, seal_secret)
     blocks = tier.get_many(keys)      # FUSE worker, on local misses: {key: plaintext}
+    n = tier.get_one(key, place)      # one block opened into its place in the reply
     tier.put(key, data)               # local tier evicted a clean block (lock held)
     tier.snapshot()                   # counters for `memlend stats --json`
     tier.close()
@@ -63,6 +64,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from memlend.counters import Counters
+from memlend.native import lib as native
 from memlend.remote import protocol as p
 from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, parse_address
 from memlend.remote.health import ACTIVE, DOWN, LenderHealth
@@ -113,9 +115,15 @@ class _MemlendClient(LenderClient):
             raise RemoteError(str(e)) from e
         return sent
 
-    def finish_get(self, token: list[tuple[int, int]], deadline: float) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def finish_get(
+        self, token: list[tuple[int, int]], deadline: float
+    ) -> list[bytes | memoryview | None]:
+        """The values of a start_get, in key order (None: not stored). Values may be
+        views of this thread's reply buffer, valid until its next finish_get."""
+        out: list[bytes | memoryview | None] = []
         try:
+            if native is not None and len(token) == 1:
+                return self._finish_native(*token[0], deadline)
             for rid, n in token:
                 reply = self._expect(p.GetReply, deadline, rid)
                 if len(reply.values) != n:
@@ -129,6 +137,34 @@ class _MemlendClient(LenderClient):
             raise
         return out
 
+    def _finish_native(self, rid: int, n: int, deadline: float) -> list:
+        """finish_get of one request in C (memlend._native.recv_values): received
+        without the GIL into this thread's buffer, values returned as views of it."""
+        size = p.HEADER_SIZE + 2 + n * (5 + self.max_value)
+        buf = getattr(_thread_buf, "view", None)
+        if buf is None or len(buf) < size:
+            buf = _thread_buf.view = memoryview(bytearray(size))
+        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
+        fd = self._require().fileno()
+        status, got, caught, self.late = native.recv_values(fd, rid, n, buf, deadline, spin)
+        if spin:
+            self._spin_caught(caught)
+        if status == native.GOT_VALUE:
+            return got
+        if status == native.TIMED_OUT:
+            raise self._timed_out()
+        if status == native.CLOSED and not got:
+            raise RemoteError(f"{self.what} closed the connection")
+        self._recv_events(got)  # anything else: the Python decoder judges, reads on
+        reply = self._expect(p.GetReply, deadline, rid, spin=False)
+        if len(reply.values) != n:
+            raise RemoteError("lender answered a different number of keys")
+        return reply.values
+
+
+# Each FUSE worker's buffer for multi-get replies (_finish_native): at most one
+# request's reply, ~1 MiB for a 1 MiB read of 16 KiB blocks, made on first use.
+_thread_buf = threading.local()
 
 Client = _MemlendClient | MemcachedClient
 
@@ -355,17 +391,19 @@ class RemoteTier:
         self._disk_ema = ema
         self.deadline = min(MAX_DEADLINE, max(self.min_deadline, ema))
 
-    def get_one(self, key: bytes) -> bytes | None:
-        """Plaintext of one block, or None: get_many for the commonest call (a small
-        read that misses one block), without its lists and dicts. Never raises."""
+    def get_one(self, key: bytes, out: memoryview) -> int:
+        """One block's plaintext, opened straight into `out` (its place in the reply):
+        its length, or -1 if no lender has it (out's bytes are then undefined).
+        get_many for the commonest call (a small read that misses one block), without
+        its lists and dicts. Never raises."""
         pending, inflight = self._pending, self._inflight
         if pending or inflight:
             queued = pending.get(key) or inflight.get(key)
             if queued is not None:  # evicted a moment ago, not sent yet: get_many says it
-                return self.get_many([key]).get(key)
+                return self.get_many_into({key: out}).get(key, -1)
         lenders = self.lenders
         ld = lenders[0] if len(lenders) == 1 else lenders[self._placement.owner(key)]
-        data: bytes | None = None
+        n = -1
         bad = errors = 0
         answered = False  # the lender said whether it holds the block
         if ld.health.state == ACTIVE and 0 < len(key) <= p.MAX_KEY_LEN:
@@ -374,8 +412,9 @@ class RemoteTier:
             try:
                 c, gen = ld.acquire(self.deadline)
                 # The lender gets the whole deadline from the moment the request
-                # leaves, even if this thread lost time before that.
-                blob = c.get_one(key, t0 + self.deadline, self.deadline)
+                # leaves, even if this thread lost time before that. The blob may be
+                # a view of c's reply buffer: opened before c goes back to the pool.
+                blob = c.get_one(key, t0 + self.deadline, self.deadline, True)
                 answered = True
             except Exception as e:  # invariant 2: a miss, never a failed read
                 if c is not None:
@@ -389,14 +428,14 @@ class RemoteTier:
             if answered:
                 elapsed = time.monotonic() - t0
                 ld.health.ok(elapsed)
-                ld.release(c, gen)  # back in the pool: another worker may take it now
                 self._observe(elapsed)
                 if blob is not None:
                     try:
-                        data = self._sealer.open(key, blob)
+                        n = self._sealer.open_into(key, blob, out)
                     except SealError:
                         bad = 1
-        hit = data is not None
+                ld.release(c, gen)  # back in the pool: another worker may take it now
+        hit = n >= 0
         add = self.counters.add
         if hit:
             add("remote_hits")
@@ -422,18 +461,26 @@ class RemoteTier:
         elif answered and self._known:
             with self._qlock:  # it answered without a valid copy: see _get_many
                 self._known.pop(key, None)
-        return data
+        return n
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of the blocks found and verified; the rest are misses."""
-        found: dict[bytes, bytes] = {}
+        return self._get_many_counted(keys, None)
+
+    def get_many_into(self, into: dict[bytes, memoryview]) -> dict[bytes, int]:
+        """get_many of into's keys, each block opened straight into its place: the
+        length of each found; the places of the others hold undefined bytes."""
+        return self._get_many_counted(list(into), into)
+
+    def _get_many_counted(self, keys: list[bytes], into: dict[bytes, memoryview] | None) -> dict:
+        found: dict = {}
         if not keys:
             return found
         # (lender, hits, misses) of this call, counted at the end.
         tally: list[tuple[_Lender, int, int]] = []
         errors = 0
         try:
-            self._get_many(keys, found, tally)
+            self._get_many(keys, found, tally, into)
         except Exception:  # invariant 2: never fail an application call
             errors = 1
         hits, misses = len(found), len(keys) - len(found)
@@ -448,8 +495,14 @@ class RemoteTier:
         return found
 
     def _get_many(
-        self, keys: list[bytes], found: dict[bytes, bytes], tally: list[tuple[_Lender, int, int]]
+        self,
+        keys: list[bytes],
+        found: dict,
+        tally: list[tuple[_Lender, int, int]],
+        into: dict[bytes, memoryview] | None,
     ) -> None:
+        """Fills found[key] with each block's plaintext, or with its length once opened
+        into into[key] if `into` is given."""
         t0 = time.monotonic()
         deadline = t0 + self.deadline
         # Blocks still in the put queue (evicted a moment ago) are answered from it.
@@ -462,8 +515,11 @@ class RemoteTier:
                     v = inflight.get(k)
                 if v is None:
                     rest.append(k)
-                else:
+                elif into is None:
                     found[k] = v
+                elif len(v) <= len(into[k]):
+                    into[k][: len(v)] = v
+                    found[k] = len(v)
             if found:
                 self._count(remote_queue_hits=len(found))
                 if self.mode == "exclusive":  # it goes back to the local tier instead
@@ -500,7 +556,7 @@ class RemoteTier:
         bad = 0
         fetched: list[bytes] = []
         missed: list[bytes] = []
-        unseal = self._sealer.open
+        unseal, unseal_into = self._sealer.open, self._sealer.open_into
         for ld, c, gen, ks, token in calls:
             try:
                 values = c.finish_get(token, deadline)
@@ -517,7 +573,10 @@ class RemoteTier:
             for k, blob in zip(ks, values, strict=True):
                 if blob is not None:
                     try:
-                        found[k] = unseal(k, blob)
+                        if into is None:
+                            found[k] = unseal(k, blob)
+                        else:
+                            found[k] = unseal_into(k, blob, into[k])
                         fetched.append(k)
                         n += 1
                         continue
