@@ -3,8 +3,10 @@
     python -m memlend.bench.lender_cpu [--rates 1000,10000,0] [--seconds 5] [--idle 10]
 
 Starts two lenders on --server-cpu, one on the native hot path and one with
-MEMLEND_NATIVE=0 (the same code otherwise), and a memcached as the baseline, each
-holding 256 blocks of 16 KiB, and from one client on --client-cpu:
+MEMLEND_NATIVE=0 (the same code otherwise), a memcached as the baseline, each
+holding 256 blocks of 16 KiB, and the floor under them all: floor_server.c, an epoll
+loop in C that answers every GET frame with one prebuilt 16 KiB reply (no handshake,
+no lookup, no spin). From one client on --client-cpu:
 - leaves a connected client idle for --idle seconds and reads the server's CPU time
   over it, as a share of one core;
 - sends one-key GETs paced at each rate of --rates (0: back to back) for --seconds,
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from memlend.bench.tierbench import _free_port, wait_port
+from memlend.remote import protocol as p
 from memlend.remote.client import LenderClient
 from memlend.remote.memcached import MemcachedClient
 from memlend.remote.secret import auth_key, load_secret, write_secret
@@ -54,6 +59,26 @@ def paced(client: LenderClient, key: bytes, rate: int, seconds: float) -> int:
                 now = time.perf_counter()
         client.get_one(key, far)
         n += 1
+
+
+class FloorClient:
+    """floor_server.c's client: one-key GET frames, each whole reply read back."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply = p.HEADER_SIZE + 7 + 16384
+
+    def get_one(self, key: bytes, deadline: float) -> None:
+        payload = b"\0\1" + bytes((len(key),)) + key
+        self.sock.sendall(p.HEADER.pack(p.MAGIC, p.VERSION, p.MsgType.GET, 0, 0, len(payload)))
+        self.sock.sendall(payload)
+        need = self.reply
+        while need:
+            need -= len(self.sock.recv(need))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _start(cmd: list[str], port: int, procs: list, env: dict | None = None) -> subprocess.Popen:
@@ -95,18 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             mc = [*pin, "memcached", "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-m", "64"]
             mc += ["-u", "root"] if os.geteuid() == 0 else []
             servers["memcached"] = (port, _start(mc, port, procs))
+            floor = os.path.join(tmp, "floor_server")
+            src = Path(__file__).with_name("floor_server.c")
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", floor, str(src)], check=True)
+            port = _free_port()
+            servers["C floor"] = (port, _start([*pin, floor, str(port)], port, procs))
             spin = "their default" if args.busy_poll_us is None else args.busy_poll_us
             print(f"client on CPU {args.client_cpu}, servers on CPU {args.server_cpu}; "
                   f"16 KiB values; lenders' --busy-poll-us {spin}; memcached defaults")  # fmt: skip
             print(f"{'server':10} {'case':16} {'GETs/s':>8} {'CPU µs/GET':>11} "
                   f"{'CPU % of a core':>16}")  # fmt: skip
             for name, (port, proc) in servers.items():
-                if name == "memcached":
+                if name == "C floor":
+                    c = FloorClient(port)
+                elif name == "memcached":
                     c = MemcachedClient(("127.0.0.1", port), b"cpu-bench")
                 else:
                     c = LenderClient(("127.0.0.1", port), key, b"cpu-bench")
                     assert c.stats()["hot_path"].startswith(name)
-                c.put_many([(b"k%d" % i, os.urandom(16384)) for i in range(256)])
+                if name != "C floor":
+                    c.put_many([(b"k%d" % i, os.urandom(16384)) for i in range(256)])
                 time.sleep(1)
                 a = cpu_seconds(proc.pid)
                 time.sleep(args.idle)
