@@ -115,7 +115,7 @@ class StackCurve:
         t = last.get(key)
         d = None
         if t is not None:
-            d = self._prefix(self._now) - self._prefix(t + 1)
+            d = len(last) - self._prefix(t + 1)  # every tracked key's time is below now
             self._add(t, -1)
         elif not insert:
             return None
