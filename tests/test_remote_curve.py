@@ -23,6 +23,7 @@ from memlend.stackcurve import (
     client_advice,
     curve_bytes,
 )
+from test_metrics import family, scrape
 
 MiB = 1 << 20
 
@@ -165,10 +166,12 @@ def test_lender_advice_is_counted_and_forgets_invalidated_keys() -> None:
 def test_stats_report_the_remote_curve_and_the_lenders_advice(
     mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
 ) -> None:
-    lender: Lender = lender_factory()
+    lender: Lender = lender_factory("--metrics", "127.0.0.1:0")
+    assert lender.proc.stdout is not None
+    lender_metrics = lender.proc.stdout.readline().split("http://")[1].split("/")[0]
     m: Mount = mount_factory(
         "--cache-size", "4M", "--block-size", "16K", "--seal-key-file", str(seal_key_file),
-        "--remote-deadline", "20", "--lender-streams", "always",
+        "--remote-deadline", "20", "--lender-streams", "always", "--metrics", "127.0.0.1:0",
         "--lender", lender.url, "--secret-file", str(secret_file),
     )  # fmt: skip
     data = os.urandom(16 * MiB)
@@ -187,6 +190,10 @@ def test_stats_report_the_remote_curve_and_the_lenders_advice(
     assert rc["capacity_blocks"] > 1024 and abs(ratios[0] - rc["hit_ratio_actual"]) < 0.25, rc
     assert [p["extra_bytes"] for p in rc["points"]] == [0, 256 * MiB, 1 << 30, 4 << 30]
     assert "remote tier:" in memlend("stats", str(m.mnt)).stdout
+    gauge = family(scrape(s["metrics"]), "memlend_remote_curve_hit_ratio")
+    assert sorted(dict(k)["extra_bytes"] for k in gauge) == sorted(
+        str(p["extra_bytes"]) for p in rc["points"]
+    )
     addr = f"127.0.0.1:{lender.port}"
     ls = json.loads(
         memlend("stats", "--lender", addr, "--secret-file", str(secret_file), "--json").stdout
@@ -198,3 +205,6 @@ def test_stats_report_the_remote_curve_and_the_lenders_advice(
     assert 0 <= a["last_gib_hits"] <= max(a["hits"], 0) + 1 and 0 <= a["last_gib_share"] <= 1
     human = memlend("stats", "--lender", addr, "--secret-file", str(secret_file)).stdout
     assert "recent hits" in human
+    lm = scrape(lender_metrics)
+    for name in ("memlend_lend_client_last_gib_hits", "memlend_lend_client_last_gib_share"):
+        assert [dict(k)["client"] for k in family(lm, name)] == list(advice), name
