@@ -386,9 +386,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats, indent=2))
         else:
-            from memlend.report import dict_table
+            from memlend.report import dict_table, lender_advice_lines
 
             dict_table(f"memlend lender {args.lender}", stats)
+            for line in lender_advice_lines(stats):
+                print(line)
         return 0
     if not args.mountpoint:
         raise UserError("which mount? give a MOUNTPOINT (or --lender HOST:PORT)")

@@ -82,6 +82,8 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
             t.add_row(f"lender {ld['url']}", f"{ld['state']}, {ld['blocks_held']} blocks")
     console.print(t)
     console.print(curve_line(stats), highlight=False)
+    if stats.get("remote_curve"):
+        console.print(remote_curve_line(stats["remote_curve"]), highlight=False)
 
 
 def curve_line(stats: dict) -> str:
@@ -104,6 +106,30 @@ def curve_line(stats: dict) -> str:
     if 1 in at:
         line += f"; {at[1]['hit_ratio']:.0%} simulated at this size"
     return line + f" ({curve['policy']}, {curve['sampled']} sampled lookups)"
+
+
+def remote_curve_line(curve: dict) -> str:
+    """Sizing advice from the remote tier's curve (memlend.stackcurve.RemoteCurve)."""
+    if not curve["sampled"]:
+        return "remote tier curve: no block asked of the lenders sampled yet"
+    now, *more = curve["points"]
+    line = f"remote tier: {now['hit_ratio']:.0%} of asked blocks served now" + "".join(
+        f", {p['hit_ratio']:.0%} with +{human_bytes(p['extra_bytes'])} lent" for p in more
+    )
+    return line + (
+        f" (LRU estimate at the {now['blocks']} blocks lenders would hold now; they served "
+        f"{curve['hit_ratio_actual']:.0%}; {curve['sampled']} sampled gets)"
+    )
+
+
+def lender_advice_lines(stats: dict) -> list[str]:
+    """One line per client of a lender: what the last GiB of its share buys."""
+    return [
+        f"client {cid}: {a['last_gib_hits']} of its {a['hits']} recent hits "
+        f"({a['last_gib_share']:.0%}) came from the last {human_bytes(a['gib_bytes'])} "
+        f"of its share ({a['share_blocks']} blocks; it holds {a['held_blocks']})"
+        for cid, a in sorted(stats.get("client_advice", {}).items())
+    ]
 
 
 def dict_table(title: str, stats: dict, console: Console | None = None) -> None:

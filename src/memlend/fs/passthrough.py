@@ -702,6 +702,7 @@ class Passthrough(Operations):
             stats["curve"] = self.cache.curve_snapshot()
         if self.remote is not None:
             stats.update(self.remote.snapshot())
+            stats["remote_curve"] = self.remote.curve_snapshot(self.bs)
         return stats
 
     def getxattr(self, nodeid: int, name: bytes) -> bytes:

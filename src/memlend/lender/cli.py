@@ -182,6 +182,7 @@ def run_lend(args: argparse.Namespace) -> int:
     from memlend.lender.store import Store
     from memlend.policies import POLICIES
     from memlend.remote.secret import auth_key, load_secret
+    from memlend.stackcurve import advice_budget
 
     memory = _size_arg("--memory", args.memory)
     block = _size_arg("--block-size", args.block_size)
@@ -205,7 +206,7 @@ def run_lend(args: argparse.Namespace) -> int:
         _size_arg("--reserve", args.reserve) if args.reserve else w.default_reserve(host_memory)
     )
     try:
-        store = Store(memory, block, args.policy, quota)
+        store = Store(memory, block, args.policy, quota, advice_bytes=advice_budget(memory))
     except ValueError as e:
         raise UserError(f"--memory {args.memory}: {e}") from None
     except OSError as e:  # the mapping itself: overcommit refused it

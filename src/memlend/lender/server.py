@@ -412,6 +412,7 @@ class LenderServer:
             s = self.stats()
             assert c.ns is not None
             s["client_blocks"] = len(c.ns.entries)  # this client's share of "blocks"
+            s["client_share_blocks"] = st.client_share(c.ns)  # what it may hold: its curve's size
             self._send(c, conn.send_stats_reply(ev.request_id, s))
         elif isinstance(ev, p.Ping):
             self._send(c, conn.send_pong(ev.request_id, ev.data))
@@ -463,6 +464,7 @@ class LenderServer:
         s["auth_failures"] = self.auth_failures
         s["protocol_errors"] = self.protocol_errors
         s["hot_path"] = native.description
+        s["client_advice"] = self.store.advice_per_client()  # what each one's last GiB buys
         # The lender's whole CPU time (idle polling included) per key served: what
         # lending costs the host besides memory.
         cpu = time.process_time() - self._cpu_start

@@ -19,6 +19,13 @@ used; entries beyond it are dropped, oldest first from the largest namespaces
 (fast and fair matters more than victim quality when the host needs its memory),
 and their pages are returned to the kernel with MADV_DONTNEED, as are free slots
 that were touched before.
+
+Advice (memlend.stackcurve). With `advice_bytes`, taken off the memory before the
+slots are counted, each client namespace (as many as fit those bytes) gets a
+sampled LRU stack of its puts and hits: how many of its hits the last GiB of its
+share is buying. The hits are learnt in touched() (both GET paths, the native
+one included, report their hits there), so the sampling test runs once per hit key
+in Python and never in the C lookup.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from memlend.arena import Arena
+from memlend.mrc import MASK, MAX_RATE, MIX
 from memlend.policies import bookkeeping_bytes, extra_bytes, make_policy, slots_within
+from memlend.stackcurve import ADVICE_KEYS, GiB, StackCurve, client_advice, curve_bytes
 
 TAIL_MAX = 64
 # Namespace entry per block: key bytes, (slot, length, tail) tuple, dict entry, tail
@@ -52,6 +61,7 @@ class Namespace:
     quota_slots: int | None = None  # from the lender's clients file; None: the default
     # key -> (slot, length, tail); insertion order = FIFO for quota evictions
     entries: dict[bytes, tuple[int, int, bytes]] = field(default_factory=dict)
+    curve: StackCurve | None = None  # its puts and hits, for advice (if budgeted)
 
 
 class Store:
@@ -62,9 +72,14 @@ class Store:
         policy: str = "s3fifo",
         client_quota: int | None = None,
         max_namespaces: int = 256,
+        advice_bytes: int = 0,
+        advice_gib: int = GiB,
+        advice_rate: float = MAX_RATE,
     ) -> None:
+        """`advice_bytes`: of `memory`, for the per-client curves (stackcurve.advice_budget);
+        `advice_gib`: the "last GiB" they report on (smaller in tests)."""
         self.slot_size = slot_size
-        self.slots = slots_within(memory, slot_size + ENTRY_BYTES, policy)
+        self.slots = slots_within(memory - advice_bytes, slot_size + ENTRY_BYTES, policy)
         if self.slots < 1:
             raise ValueError(f"{memory} bytes of memory cannot hold one {slot_size}-byte slot")
         self.memory = memory
@@ -81,6 +96,9 @@ class Store:
         self._dirty_free: set[int] = set()  # free slots whose pages may be resident
         self.hits = self.misses = self.puts = self.refused = self.evictions = 0
         self.given_back = 0  # bytes returned to the kernel under memory pressure
+        self.advice_curves = advice_bytes // curve_bytes(ADVICE_KEYS)  # clients that get one
+        self.advice_gib = advice_gib
+        self.advice_rate = advice_rate
 
     # ---- namespaces -----------------------------------------------------------
 
@@ -93,7 +111,10 @@ class Store:
             return ns
         if len(self._ns) >= self.max_namespaces:
             for cid in [c for c, n in self._ns.items() if not n.entries]:
-                del self._by_index[self._ns.pop(cid).index]
+                gone = self._ns.pop(cid)
+                del self._by_index[gone.index]
+                if gone.curve is not None:
+                    self.advice_curves += 1
             if len(self._ns) >= self.max_namespaces:
                 return None
         ns = Namespace(client_id, self._next_index)
@@ -103,6 +124,11 @@ class Store:
         self._ns[client_id] = ns
         self._by_index[ns.index] = ns
         return ns
+
+    def client_share(self, ns: Namespace) -> int:
+        """Blocks `ns` may hold before its own are evicted: its share, within what the
+        host allows now (the size at which a client's remote curve is read)."""
+        return min(self._share(ns), self.allowed)
 
     def _share(self, ns: Namespace) -> int:
         holders = sum(1 for n in self._ns.values() if n.entries or n is ns)
@@ -144,11 +170,20 @@ class Store:
             self.touched(ns, hits)
 
     def touched(self, ns: Namespace, keys: Iterable[bytes]) -> None:
-        """The policy update of get_parts(touch=False) for these (found) keys."""
-        touch, idx, entries = self.policy.touch, ns.index, ns.entries
+        """The policy update of get_parts(touch=False) for these (found) keys, and the
+        advice curve's (sampled) hits."""
+        touch, idx, entries, curve = self.policy.touch, ns.index, ns.entries, ns.curve
+        if curve is None:
+            for k in keys:
+                if k in entries:
+                    touch((idx, k))
+            return
+        cut = curve.cut
         for k in keys:
             if k in entries:
                 touch((idx, k))
+                if hash(k) * MIX & MASK < cut:
+                    curve.get(k, True)
 
     def put(self, ns: Namespace, key: bytes, value: bytes | memoryview) -> bool:
         """Store `value` under `key`; False if it was not stored (too big, no memory)."""
@@ -157,6 +192,12 @@ class Store:
             self.refused += 1
             return False
         self.puts += 1
+        curve = ns.curve
+        if curve is None and self.advice_curves > 0:  # on its first put: not for stats-only ids
+            self.advice_curves -= 1
+            curve = ns.curve = StackCurve(ADVICE_KEYS, self.advice_rate)
+        if curve is not None and hash(key) * MIX & MASK < curve.cut:
+            curve.put(key)
         old = ns.entries.get(key)
         if old is not None:
             slot: int | None = old[0]
@@ -229,10 +270,13 @@ class Store:
 
     def invalidate(self, ns: Namespace, keys: Iterable[bytes]) -> int:
         removed = 0
+        curve = ns.curve
         for k in keys:
             if k in ns.entries:
                 self._drop(ns, k, release=True)
                 removed += 1
+                if curve is not None and hash(k) * MIX & MASK < curve.cut:
+                    curve.discard(k)
         return removed
 
     def invalidate_prefix(self, ns: Namespace, prefix: bytes) -> int:
@@ -296,6 +340,17 @@ class Store:
         """Blocks held per client namespace, by the first 8 bytes of its id in hex (the
         id is a hash of the mount's seal key: it names a mount, reveals nothing)."""
         return {n.client_id[:8].hex(): len(n.entries) for n in list(self._ns.values())}
+
+    def advice_per_client(self) -> dict[str, dict]:
+        """Per client (named as in blocks_per_client) that has a curve: what the last
+        GiB of its share buys (stackcurve.client_advice)."""
+        return {
+            n.client_id[:8].hex(): client_advice(
+                n.curve, self.client_share(n), len(n.entries), self.slot_size, self.advice_gib
+            )
+            for n in list(self._ns.values())
+            if n.curve is not None
+        }
 
     def close(self) -> None:
         self.arena.close()

@@ -57,3 +57,20 @@ class LenderCollector(Collector):
         for client, n in sorted(self._per_client().items()):
             per.add_metric([client], n)
         yield per
+        advice = s.get("client_advice") or {}
+        last = GaugeMetricFamily(
+            "memlend_lend_client_last_gib_hits",
+            "Per client: its recent hits (estimated, decayed) that the last GiB of its "
+            "share bought, from a sampled LRU stack",
+            labels=["client"],
+        )
+        share = GaugeMetricFamily(
+            "memlend_lend_client_last_gib_share",
+            "Per client: the fraction of its recent hits that the last GiB of its share bought",
+            labels=["client"],
+        )
+        for client, a in sorted(advice.items()):
+            last.add_metric([client], a["last_gib_hits"])
+            share.add_metric([client], a["last_gib_share"])
+        yield last
+        yield share

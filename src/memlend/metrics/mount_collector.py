@@ -95,6 +95,16 @@ class MountCollector(Collector):
             for p in s["curve"]["points"]:
                 curve.add_metric([str(p["cache_bytes"])], p["hit_ratio"])
             yield curve
+        if s.get("remote_curve"):
+            rc = GaugeMetricFamily(
+                "memlend_remote_curve_hit_ratio",
+                "Estimated share of the blocks asked of the lenders that they would serve "
+                "with extra_bytes more lent than they hold for this mount now (sampled LRU)",
+                labels=["extra_bytes"],
+            )
+            for p in s["remote_curve"]["points"]:
+                rc.add_metric([str(p["extra_bytes"])], p["hit_ratio"])
+            yield rc
         if "lenders" in s:
             yield from _remote(s)
 

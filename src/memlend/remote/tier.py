@@ -46,6 +46,11 @@ suspended by timed-out reads is probed after 20 ms, then at doubling intervals
 (a stall of a few ms used to cost half a second of disk reads). It also pings
 active lenders and reads their STATS (blocks held).
 
+Curve (memlend.stackcurve.RemoteCurve): every key put (queued for a lender) and
+asked for is offered to a sampled LRU stack, for "X% of asked blocks served now, Y%
+with +1 GiB lent". The sampling test is inlined here; the curve's lock is taken for
+sampled keys only.
+
 Invariant 2: no call of this class fails or hangs an application call; every
 network wait has a deadline; every exception is caught, counted and turned into a
 miss.
@@ -64,6 +69,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from memlend.counters import Counters
+from memlend.mrc import MASK, MIX
 from memlend.native import lib as native
 from memlend.remote import protocol as p
 from memlend.remote.client import LenderClient, RemoteError, RemoteTimeout, parse_address
@@ -72,6 +78,7 @@ from memlend.remote.memcached import MemcachedClient
 from memlend.remote.placement import Rendezvous
 from memlend.remote.sealing import SEALS_PER_KEY, RunSealer, SealError, client_id_for
 from memlend.remote.secret import auth_key
+from memlend.stackcurve import RemoteCurve
 from memlend.stats import REMOTE_COUNTERS
 
 if TYPE_CHECKING:
@@ -186,6 +193,7 @@ class _Lender:
         # generation they were opened in (a stale one is replaced, not used).
         self._own: dict[str, tuple[Client, int]] = {}
         self.lender_blocks: int | None = None
+        self.lender_share: int | None = None  # blocks it would hold for us (memlend lenders)
         self.warned_size = False
 
     # Per-lender counters live in the tier's registry, labelled with the URL.
@@ -352,6 +360,7 @@ class RemoteTier:
         self._stop = threading.Event()
         self._reprobe = threading.Event()  # a lender just left active: probe it soon
         self._drops_logged = (0, time.monotonic())  # dropped puts at the last log line
+        self.curve = RemoteCurve(exclusive=mode == "exclusive")
 
         self._probe_all(first=True)
         self._threads = [
@@ -461,6 +470,8 @@ class RemoteTier:
         elif answered and self._known:
             with self._qlock:  # it answered without a valid copy: see _get_many
                 self._known.pop(key, None)
+        if hash(key) * MIX & MASK < self.curve.cut:
+            self.curve.got([key], (key,) if hit else ())
         return n
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
@@ -492,6 +503,10 @@ class RemoteTier:
         for ld, h, m in tally:
             add(("lender_hits", ld.url), h)
             add(("lender_misses", ld.url), m)
+        cut = self.curve.cut
+        sampled = [k for k in keys if hash(k) * MIX & MASK < cut]
+        if sampled:
+            self.curve.got(sampled, found)
         return found
 
     def _get_many(
@@ -685,6 +700,8 @@ class RemoteTier:
             first = len(pending) == 1
         if first:
             self._wake.set()
+        if hash(key) * MIX & MASK < self.curve.cut:
+            self.curve.put(key)
 
     def wait_for_room(self, blocks: int, nbytes: int, timeout: float = ROOM_WAIT) -> None:
         """Wait (at most `timeout`) until the put queue can take `blocks` more blocks of
@@ -919,8 +936,30 @@ class RemoteTier:
         # A memlend lender counts this client's blocks apart; memcached only its total.
         n = s.get("client_blocks", s.get("blocks")) if ld.kind == "memlend" else s.get("curr_items")
         ld.lender_blocks = n if isinstance(n, int) else None
+        share = s.get("client_share_blocks")
+        ld.lender_share = share if isinstance(share, int) else None
 
     # ---- exposition, shutdown -------------------------------------------------------
+
+    def lent_capacity(self) -> int:
+        """Blocks the lenders would hold for this mount now: the remote curve's "now".
+        A memlend lender reports this client's share (within what its host allows); what
+        it holds is less while it has room, and a curve read there would call misses
+        what the lender, not yet full, serves. Else (memcached, older lenders): what
+        they hold, from their stats (memcached: its total, all clients) or our acks."""
+        return sum(
+            ld.lender_share
+            if ld.lender_share is not None
+            else ld.lender_blocks
+            if ld.lender_blocks is not None
+            else ld.put_blocks
+            for ld in self.lenders
+            if ld.health.active
+        )
+
+    def curve_snapshot(self, block_size: int) -> dict[str, object]:
+        """`remote_curve` of `memlend stats --json` (stackcurve.RemoteCurve.snapshot)."""
+        return self.curve.snapshot(self.lent_capacity(), block_size)
 
     def snapshot(self) -> dict:
         totals = self.counters.snapshot()
