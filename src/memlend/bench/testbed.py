@@ -140,6 +140,47 @@ class BaseGroup:
         """Move the calling process in (used in preexec_fn, before exec)."""
         raise NotImplementedError
 
+    # set and read by the testbed and run.py; each kind of group has its own files
+    def setup(self, *, cpu: int, memory: int | None) -> None:
+        """Pin to `cpu`; cap memory (page cache included) at `memory` bytes if given."""
+        raise NotImplementedError
+
+    def throttle(self, dev: str, iops: int | None, bps: int | None) -> None:
+        """Cap (None: uncap) reads of disk `dev` (MAJ:MIN) by the group's processes."""
+        raise NotImplementedError
+
+    def io_serviced(self, dev: str) -> tuple[int, int]:
+        """(read I/Os, read bytes) the group issued to `dev`."""
+        raise NotImplementedError
+
+    def memory_stat(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        """Page cache charged to the group."""
+        raise NotImplementedError
+
+    def rss_bytes(self) -> int:
+        """Anonymous memory of the group's processes."""
+        raise NotImplementedError
+
+    def usage(self) -> int:
+        raise NotImplementedError
+
+    def limit(self) -> int | None:
+        raise NotImplementedError
+
+    def reset_peak(self) -> None:
+        """Start a new peak for peak() (OSError where the kernel cannot)."""
+        raise NotImplementedError
+
+    def peak(self) -> int | None:
+        raise NotImplementedError
+
+    def oom_kills(self) -> int:
+        """Processes the OOM killer killed in the group so far."""
+        raise NotImplementedError
+
     def create(self) -> None:
         for d in self.dirs():
             if not d.exists():
@@ -216,7 +257,7 @@ class Group(BaseGroup):
         self.write("blkio", "blkio.throttle.read_bps_device", f"{dev} {bps or 0}")
 
     def io_serviced(self, dev: str) -> tuple[int, int]:
-        """(read I/Os, read bytes) the group issued to `dev` (throttle-layer counters)."""
+        # the throttle layer's counters
         res = []
         for knob in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"):
             val = 0
@@ -231,12 +272,10 @@ class Group(BaseGroup):
         return _flat_keyed(self.read("memory", "memory.stat"))
 
     def cache_bytes(self) -> int:
-        """Page cache charged to the group (files it read, tmpfs)."""
-        st = self.memory_stat()
+        st = self.memory_stat()  # total_*: the group and its children (none here)
         return st.get("total_cache", st.get("cache", 0))
 
     def rss_bytes(self) -> int:
-        """Anonymous memory of the group's processes."""
         st = self.memory_stat()
         return st.get("total_rss", st.get("rss", 0))
 
