@@ -1,8 +1,15 @@
 """The benchmark testbed: "VMs" on one machine, and their guaranteed tear-down.
 
-A client VM is a set of cgroup v1 groups named memlend-bench-<pid>-client-<n>: memory
-(its RAM, page cache included), blkio (the backing disk's read IOPS/bandwidth cap) and
-cpuset (CPU 0). A lender VM is memlend-bench-<pid>-lender<i>: memory and cpuset (CPU 1).
+A client VM is a cgroup named memlend-bench-<pid>-client-<n>: memory (its RAM, page
+cache included), the backing disk's read IOPS/bandwidth cap and cpuset (CPU 0). A lender
+VM is memlend-bench-<pid>-lender<i>: memory and cpuset (CPU 1). On cgroup v1 (Group)
+that is one group per controller (memory, blkio, cpuset) under /sys/fs/cgroup/<ctl>/;
+on cgroup v2 (Group2, when /sys/fs/cgroup is the unified hierarchy) one directory under
+/sys/fs/cgroup/memlend-bench-<pid>/ with memory, io and cpuset enabled (memory.max,
+io.max, cpuset.cpus). The v1 code runs on this project's test host; the v2 code has run
+only against a fake tree and a real cgroup2 mount without those three controllers
+(tests/test_bench_cgroup2.py), never on a v2 host that has them.
+
 Every process the testbed starts is placed in its groups before it execs, and every one
 has "memlend-bench" in its command line. `Testbed.close()` (called from a finally block)
 kills whatever is left in the groups, unmounts, removes the groups and the network
