@@ -122,8 +122,8 @@ class ConfigRun:
         self.mnt: str | None = None
         self.daemon = 0
         self.procs: list[subprocess.Popen] = []
-        self.lender_groups: list[tb.Group] = []
-        self.client: tb.Group | None = None
+        self.lender_groups: list[tb.BaseGroup] = []
+        self.client: tb.BaseGroup | None = None
         self.where = "loopback"
         self.lend_mem = 0
 
@@ -231,13 +231,12 @@ class ConfigRun:
             if passes >= MAX_WARM_PASSES or (passes >= 2 and dropped <= WARM_DROP_OK):
                 break
         s1 = self.stats()
-        mstat = self.client.memory_stat()
         return {
             "warm_seconds": round(time.monotonic() - t0, 1),
             "warm_passes": passes,
             "warm_verified": True,
             # the page cache of files read inside the client group is charged to it
-            "client_cache_after_warm": mstat.get("total_cache", mstat.get("cache", 0)),
+            "client_cache_after_warm": self.client.cache_bytes(),
             "warm_counters": {k: s1.get(k, 0) - s0.get(k, 0) for k in PUT_COUNTERS if k in s1},
             "lender_blocks_after_warm": [ld.get("blocks_held") for ld in s1.get("lenders", [])],
         }
@@ -278,10 +277,10 @@ class ConfigRun:
                 )
             timer = threading.Timer(self.plan.seconds / 3, self._spike, (spike,))
             timer.start()
-        s0, b0 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
-        oom0 = _oom_kills(self.client)
+        s0, b0 = self.stats(), self.client.io_serviced(self.bed.disk)
+        oom0 = self.client.oom_kills()
         with contextlib.suppress(OSError):  # the peak below is this cell's
-            self.client.write("memory", "memory.max_usage_in_bytes", "0")
+            self.client.reset_peak()
         lcpu0 = [tb.proc_cpu_seconds(p.pid) for p in self.procs]
         cpu0 = tb.cpu_times()
         try:
@@ -292,7 +291,7 @@ class ConfigRun:
             if timer is not None:
                 timer.cancel()
                 timer.join()
-        oom = _oom_kills(self.client) - oom0
+        oom = self.client.oom_kills() - oom0
         if oom:
             raise RuntimeError(
                 f"the client cgroup's OOM killer killed {oom} process(es) (see dmesg): "
@@ -300,7 +299,7 @@ class ConfigRun:
             )
         cpu1 = tb.cpu_times()
         lcpu1 = [tb.proc_cpu_seconds(p.pid) for p in self.procs]
-        s1, b1 = self.stats(), tb.blkio_serviced(self.client, self.bed.disk)
+        s1, b1 = self.stats(), self.client.io_serviced(self.bed.disk)
         if spike:
             spike.update(self._spike_end(spike))
         self.bed.throttle(self.client, None, None)
@@ -357,11 +356,10 @@ class ConfigRun:
         if work.main_job:  # a background job's reads share every counter above
             row["hit_ratio"] = {}
             row["hit_ratio_note"] = "not measured: the background job's reads share the counters"
-        mstat = self.client.memory_stat()
         row["client_cgroup"] = {
-            "cache_bytes": mstat.get("total_cache", mstat.get("cache", 0)),
-            "rss_bytes": mstat.get("total_rss", mstat.get("rss", 0)),
-            "peak_bytes": int(self.client.read("memory", "memory.max_usage_in_bytes")),
+            "cache_bytes": self.client.cache_bytes(),
+            "rss_bytes": self.client.rss_bytes(),
+            "peak_bytes": self.client.peak(),
             "limit": None if self.config == "ideal" else self.plan.client_memory,
         }
         row["cpu"] = tb.cpu_usage(cpu0, cpu1)
@@ -389,7 +387,7 @@ class ConfigRun:
     def _spike(self, out: dict) -> None:
         g = self.lender_groups[0]
         n = self.lend_mem * 4 // 5
-        out["lender_usage_before"] = int(g.read("memory", "memory.usage_in_bytes"))
+        out["lender_usage_before"] = g.usage()
         out["lender_blocks_before"] = self._lender_blocks()
         out["spike_bytes"] = n
         out["at_seconds"] = round(self.plan.seconds / 3, 1)
@@ -407,14 +405,11 @@ class ConfigRun:
         res = {
             "spike_alive_at_end": p.poll() is None,
             "lender_alive_at_end": self.procs[0].poll() is None,
-            "lender_group_usage_at_end": int(g.read("memory", "memory.usage_in_bytes")),
+            "lender_group_usage_at_end": g.usage(),
             "lender_blocks_at_end": self._lender_blocks(),
-            "lender_group_limit": int(g.read("memory", "memory.limit_in_bytes")),
+            "lender_group_limit": g.limit(),
+            "oom_kills": g.oom_kills(),
         }
-        for line in g.read("memory", "memory.oom_control").splitlines():
-            k, _, v = line.partition(" ")
-            if k == "oom_kill":
-                res["oom_kills"] = int(v)
         self.bed.stop(p)
         return res
 
@@ -469,6 +464,7 @@ def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") ->
         "dataset": plan.dataset,
         "seconds_per_cell": plan.seconds,
         "cache_size": cache_size(plan.client_memory),
+        "cgroup": f"v{bed.cgroup}",
         "pinning": {
             "client": f"cpuset CPU {tb.CLIENT_CPU}",
             "lenders": f"cpuset CPU {tb.LENDER_CPU}",
@@ -556,14 +552,6 @@ def _base(plan: Plan, config: str, w: str, d: str, where: str) -> dict:
         "verified": False,
         "error": None,
     }
-
-
-def _oom_kills(g: tb.Group) -> int:
-    for line in g.read("memory", "memory.oom_control").splitlines():
-        k, _, v = line.partition(" ")
-        if k == "oom_kill":
-            return int(v)
-    return 0
 
 
 def _drop_page_cache(path: Path) -> None:

@@ -1,8 +1,15 @@
 """The benchmark testbed: "VMs" on one machine, and their guaranteed tear-down.
 
-A client VM is a set of cgroup v1 groups named memlend-bench-<pid>-client-<n>: memory
-(its RAM, page cache included), blkio (the backing disk's read IOPS/bandwidth cap) and
-cpuset (CPU 0). A lender VM is memlend-bench-<pid>-lender<i>: memory and cpuset (CPU 1).
+A client VM is a cgroup named memlend-bench-<pid>-client-<n>: memory (its RAM, page
+cache included), the backing disk's read IOPS/bandwidth cap and cpuset (CPU 0). A lender
+VM is memlend-bench-<pid>-lender<i>: memory and cpuset (CPU 1). On cgroup v1 (Group)
+that is one group per controller (memory, blkio, cpuset) under /sys/fs/cgroup/<ctl>/;
+on cgroup v2 (Group2, when /sys/fs/cgroup is the unified hierarchy) one directory under
+/sys/fs/cgroup/memlend-bench-<pid>/ with memory, io and cpuset enabled (memory.max,
+io.max, cpuset.cpus). The v1 code runs on this project's test host; the v2 code has run
+only against a fake tree and a real cgroup2 mount without those three controllers
+(tests/test_bench_cgroup2.py), never on a v2 host that has them.
+
 Every process the testbed starts is placed in its groups before it execs, and every one
 has "memlend-bench" in its command line. `Testbed.close()` (called from a finally block)
 kills whatever is left in the groups, unmounts, removes the groups and the network
@@ -37,21 +44,43 @@ from memlend.bench import fuse_tools as ft
 from memlend.errors import UserError
 
 PREFIX = "memlend-bench"
-CGROOT = Path("/sys/fs/cgroup")
+CGROOT = Path("/sys/fs/cgroup")  # a module constant: tests point it at a fake or private tree
+V1_CONTROLLERS = ("memory", "blkio", "cpuset")
+V2_CONTROLLERS = ("memory", "io", "cpuset")
 CLIENT_CPU = 0
 LENDER_CPU = 1
 MiB = 1 << 20
+
+
+def cgroup_version() -> int:
+    """1 when the v1 controllers the testbed uses are mounted under CGROOT (also on a
+    hybrid host, whose v2 hierarchy then has none of them), 2 when CGROOT is a unified
+    hierarchy, 1 when it is neither (check_environment then names the missing piece)."""
+    if all((CGROOT / c / "cgroup.procs").exists() for c in V1_CONTROLLERS):
+        return 1
+    return 2 if (CGROOT / "cgroup.controllers").exists() else 1
 
 
 def check_environment(who: str = "memlend bench") -> None:
     """Refuse, in one line naming the missing piece, when the testbed cannot be built."""
     if os.geteuid() != 0:
         raise UserError(f"{who} needs root (cgroups, blkio throttling, mounts)")
-    for ctl in ("memory", "blkio", "cpuset"):
-        if not (CGROOT / ctl / "cgroup.procs").exists():
-            raise UserError(f"{who} needs the cgroup v1 {ctl} controller at {CGROOT / ctl}")
-    if not (CGROOT / "blkio" / "blkio.throttle.read_iops_device").exists():
-        raise UserError(f"{who} needs blkio throttling (CONFIG_BLK_DEV_THROTTLING)")
+    if cgroup_version() == 2:
+        have = (CGROOT / "cgroup.controllers").read_text().split()
+        for ctl in V2_CONTROLLERS:
+            if ctl not in have:
+                raise UserError(
+                    f"{who} needs the {ctl} controller in {CGROOT / 'cgroup.controllers'}"
+                )
+    else:
+        for ctl in V1_CONTROLLERS:
+            if not (CGROOT / ctl / "cgroup.procs").exists():
+                raise UserError(
+                    f"{who} needs the cgroup v1 {ctl} controller at {CGROOT / ctl} "
+                    f"(or cgroup v2 at {CGROOT})"
+                )
+        if not (CGROOT / "blkio" / "blkio.throttle.read_iops_device").exists():
+            raise UserError(f"{who} needs blkio throttling (CONFIG_BLK_DEV_THROTTLING)")
     if not os.path.exists("/dev/fuse"):
         raise UserError(f"{who} needs /dev/fuse (the fuse kernel module)")
     for tool in ("fio", "taskset"):
@@ -65,7 +94,8 @@ def leftovers(pid: int | None = None) -> list[str]:
     """Anything of a testbed still present: cgroups, namespaces, mounts, processes, work
     directories; only those of the run in process `pid` if given."""
     mine = re.compile(PREFIX if pid is None else rf"{PREFIX}-{pid}(?!\d)")
-    found = glob.glob(f"/sys/fs/cgroup/*/{PREFIX}*")
+    # v1: CGROOT/CONTROLLER/group; v2: CGROOT/parent and CGROOT/parent/group
+    found = glob.glob(f"{CGROOT}/*/{PREFIX}*") + glob.glob(f"{CGROOT}/{PREFIX}*")
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     found += ns.splitlines()
     with open("/proc/mounts") as f:
@@ -88,9 +118,110 @@ def disk_of(path: Path) -> str:
     return f"{maj}:{mnr}"
 
 
+# cgroupfs directories are made and removed through these (tests emulate the kernel)
+_mkdir = os.mkdir
+_rmdir = os.rmdir
+
+
+def _flat_keyed(text: str) -> dict[str, int]:
+    """memory.stat, memory.events, memory.oom_control: 'key value' lines."""
+    out = {}
+    for line in text.splitlines():
+        k, v = line.split()
+        out[k] = int(v)
+    return out
+
+
+class BaseGroup:
+    """A "VM"'s cgroup, v1 (Group) or v2 (Group2): what the testbed sets and reads."""
+
+    name: str
+
+    def dirs(self) -> list[Path]:
+        raise NotImplementedError
+
+    def pids(self) -> set[int]:
+        raise NotImplementedError
+
+    def enter(self) -> None:
+        """Move the calling process in (used in preexec_fn, before exec)."""
+        raise NotImplementedError
+
+    # set and read by the testbed and run.py; each kind of group has its own files
+    def setup(self, *, cpu: int, memory: int | None) -> None:
+        """Pin to `cpu`; cap memory (page cache included) at `memory` bytes if given."""
+        raise NotImplementedError
+
+    def throttle(self, dev: str, iops: int | None, bps: int | None) -> None:
+        """Cap (None: uncap) reads of disk `dev` (MAJ:MIN) by the group's processes."""
+        raise NotImplementedError
+
+    def io_serviced(self, dev: str) -> tuple[int, int]:
+        """(read I/Os, read bytes) the group issued to `dev`."""
+        raise NotImplementedError
+
+    def memory_stat(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        """Page cache charged to the group."""
+        raise NotImplementedError
+
+    def rss_bytes(self) -> int:
+        """Anonymous memory of the group's processes."""
+        raise NotImplementedError
+
+    def usage(self) -> int:
+        raise NotImplementedError
+
+    def limit(self) -> int | None:
+        raise NotImplementedError
+
+    def reset_peak(self) -> None:
+        """Start a new peak for peak() (OSError where the kernel cannot)."""
+        raise NotImplementedError
+
+    def peak(self) -> int | None:
+        raise NotImplementedError
+
+    def oom_kills(self) -> int:
+        """Processes the OOM killer killed in the group so far."""
+        raise NotImplementedError
+
+    def create(self) -> None:
+        for d in self.dirs():
+            if not d.exists():
+                _mkdir(d)
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            self._signal(sig)
+            end = time.monotonic() + timeout
+            while self.pids() and time.monotonic() < end:
+                time.sleep(0.05)
+            if not self.pids():
+                return
+
+    def remove(self) -> None:
+        self.kill_all()
+        for p in self.dirs():
+            for _ in range(50):
+                if not p.exists():
+                    break
+                try:
+                    _rmdir(p)
+                except OSError:
+                    time.sleep(0.1)
+
+
 @dataclass
-class Group:
-    """One cgroup v1 group across several controllers."""
+class Group(BaseGroup):
+    """One cgroup v1 group across several controllers (CGROOT/controller/name)."""
 
     name: str
     controllers: tuple[str, ...]
@@ -98,9 +229,8 @@ class Group:
     def path(self, ctl: str) -> Path:
         return CGROOT / ctl / self.name
 
-    def create(self) -> None:
-        for ctl in self.controllers:
-            self.path(ctl).mkdir(exist_ok=True)
+    def dirs(self) -> list[Path]:
+        return [self.path(ctl) for ctl in self.controllers]
 
     def write(self, ctl: str, knob: str, value: str) -> None:
         (self.path(ctl) / knob).write_text(value)
@@ -116,53 +246,204 @@ class Group:
         return out
 
     def enter(self) -> None:
-        """Move the calling process in (used in preexec_fn, before exec)."""
         pid = str(os.getpid())
         for ctl in self.controllers:
             (self.path(ctl) / "cgroup.procs").write_text(pid)
 
-    def memory_stat(self) -> dict[str, int]:
-        out = {}
-        for line in self.read("memory", "memory.stat").splitlines():
-            k, v = line.split()
-            out[k] = int(v)
-        return out
+    def setup(self, *, cpu: int, memory: int | None) -> None:
+        mems = (CGROOT / "cpuset" / "cpuset.mems").read_text().strip()
+        self.write("cpuset", "cpuset.mems", mems)  # v1 refuses tasks until it is set
+        self.write("cpuset", "cpuset.cpus", str(cpu))
+        if memory is not None:
+            self.write("memory", "memory.limit_in_bytes", str(memory))
+        with contextlib.suppress(OSError):  # 0: the OOM killer stays on (no hang at the limit)
+            self.write("memory", "memory.oom_control", "0")
 
-    def kill_all(self, timeout: float = 5.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            end = time.monotonic() + timeout
-            while self.pids() and time.monotonic() < end:
-                time.sleep(0.05)
-            if not self.pids():
-                return
+    def throttle(self, dev: str, iops: int | None, bps: int | None) -> None:
+        self.write("blkio", "blkio.throttle.read_iops_device", f"{dev} {iops or 0}")
+        self.write("blkio", "blkio.throttle.read_bps_device", f"{dev} {bps or 0}")
+
+    def io_serviced(self, dev: str) -> tuple[int, int]:
+        # the throttle layer's counters
+        res = []
+        for knob in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"):
+            val = 0
+            for line in self.read("blkio", knob).splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[0] == dev and parts[1] == "Read":
+                    val = int(parts[2])
+            res.append(val)
+        return res[0], res[1]
+
+    def memory_stat(self) -> dict[str, int]:
+        return _flat_keyed(self.read("memory", "memory.stat"))
+
+    def cache_bytes(self) -> int:
+        st = self.memory_stat()  # total_*: the group and its children (none here)
+        return st.get("total_cache", st.get("cache", 0))
+
+    def rss_bytes(self) -> int:
+        st = self.memory_stat()
+        return st.get("total_rss", st.get("rss", 0))
+
+    def usage(self) -> int:
+        return int(self.read("memory", "memory.usage_in_bytes"))
+
+    def limit(self) -> int | None:
+        return int(self.read("memory", "memory.limit_in_bytes"))
+
+    def reset_peak(self) -> None:
+        self.write("memory", "memory.max_usage_in_bytes", "0")
+
+    def peak(self) -> int | None:
+        return int(self.read("memory", "memory.max_usage_in_bytes"))
+
+    def oom_kills(self) -> int:
+        return _flat_keyed(self.read("memory", "memory.oom_control")).get("oom_kill", 0)
+
+
+@dataclass
+class Group2(BaseGroup):
+    """One cgroup v2 group: the directory `parent`/name, with `controllers` enabled by
+    the parent's cgroup.subtree_control; knobs of the others are skipped (absent)."""
+
+    name: str
+    parent: Path
+    controllers: frozenset[str] = frozenset()
+    _peak_fd: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def dir(self) -> Path:
+        return self.parent / self.name
+
+    def dirs(self) -> list[Path]:
+        return [self.dir]
+
+    def read(self, knob: str) -> str:
+        return (self.dir / knob).read_text()
+
+    def _set(self, ctl: str, knob: str, value: str) -> None:
+        if ctl in self.controllers:
+            (self.dir / knob).write_text(value)
+
+    def pids(self) -> set[int]:
+        with contextlib.suppress(OSError):
+            return {int(x) for x in self.read("cgroup.procs").split()}
+        return set()
+
+    def enter(self) -> None:
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def setup(self, *, cpu: int, memory: int | None) -> None:
+        # an empty cpuset.mems would inherit the parent's nodes; written as v1 does
+        mems = CGROOT / "cpuset.mems.effective"
+        if mems.exists():
+            self._set("cpuset", "cpuset.mems", mems.read_text().strip())
+        self._set("cpuset", "cpuset.cpus", str(cpu))
+        if memory is not None:
+            self._set("memory", "memory.max", str(memory))
+        # v2 cannot turn the OOM killer off (v1's oom_control "0" only keeps it on), so
+        # nothing to write; memory.oom.group stays 0 so that, as on v1, an OOM kills one
+        # process and the cell reports it, not the whole VM at once.
+
+    def throttle(self, dev: str, iops: int | None, bps: int | None) -> None:
+        if "io" in self.controllers and not (self.dir / "io.max").exists():
+            raise UserError("the testbed needs io throttling (CONFIG_BLK_DEV_THROTTLING)")
+        self._set("io", "io.max", f"{dev} riops={iops or 'max'} rbps={bps or 'max'}")
+
+    def io_serviced(self, dev: str) -> tuple[int, int]:
+        """(read I/Os, read bytes) the group issued to `dev` (io.stat: 'MAJ:MIN rbytes=..
+        wbytes=.. rios=.. wios=.. dbytes=.. dios=..', one line per device)."""
+        for line in self.read("io.stat").splitlines():
+            d, *fields = line.split()
+            if d == dev:
+                kv = dict(f.split("=", 1) for f in fields)
+                return int(kv.get("rios", 0)), int(kv.get("rbytes", 0))
+        return 0, 0
+
+    def memory_stat(self) -> dict[str, int]:
+        return _flat_keyed(self.read("memory.stat"))
+
+    def cache_bytes(self) -> int:
+        """v2 `file` (page cache, tmpfs included), v1's `cache`."""
+        return self.memory_stat().get("file", 0)
+
+    def rss_bytes(self) -> int:
+        """v2 `anon`, v1's `rss`."""
+        return self.memory_stat().get("anon", 0)
+
+    def usage(self) -> int:
+        return int(self.read("memory.current"))
+
+    def limit(self) -> int | None:
+        text = self.read("memory.max").strip()
+        return None if text == "max" else int(text)
+
+    def reset_peak(self) -> None:
+        """Since Linux 6.12 a write to memory.peak resets the peak seen through that
+        file descriptor only, so the fd is kept for peak(). Before 6.12 the write
+        fails (OSError, as on v1 without max_usage_in_bytes) and peak() gives the
+        peak since the group was made."""
+        self._close_peak()
+        fd = os.open(self.dir / "memory.peak", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"reset\n")
+        except OSError:
+            os.close(fd)
+            raise
+        self._peak_fd = fd
+
+    def peak(self) -> int | None:
+        """Peak memory use (None before Linux 5.19, which has no memory.peak)."""
+        if self._peak_fd is not None:
+            os.lseek(self._peak_fd, 0, os.SEEK_SET)
+            return int(os.read(self._peak_fd, 64))
+        try:
+            return int(self.read("memory.peak"))
+        except FileNotFoundError:
+            return None
+
+    def _close_peak(self) -> None:
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
+
+    def oom_kills(self) -> int:
+        return _flat_keyed(self.read("memory.events")).get("oom_kill", 0)
+
+    def _signal(self, sig: int) -> None:
+        # cgroup.kill (Linux 5.14) also catches a process forked while we signal
+        kill = self.dir / "cgroup.kill"
+        if sig == signal.SIGKILL and kill.exists():
+            kill.write_text("1")
+        else:
+            super()._signal(sig)
 
     def remove(self) -> None:
-        self.kill_all()
-        for ctl in self.controllers:
-            p = self.path(ctl)
-            for _ in range(50):
-                if not p.exists():
-                    break
-                try:
-                    p.rmdir()
-                except OSError:
-                    time.sleep(0.1)
+        self._close_peak()
+        super().remove()
 
 
-def blkio_serviced(group: Group, dev: str) -> tuple[int, int]:
-    """(read I/Os, read bytes) the group issued to `dev` (throttle-layer counters)."""
-    res = []
-    for knob in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"):
-        val = 0
-        for line in group.read("blkio", knob).splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == dev and parts[1] == "Read":
-                val = int(parts[2])
-        res.append(val)
-    return res[0], res[1]
+def v2_parent(tag: str) -> Group2:
+    """CGROOT/tag, the parent of a run's v2 groups, with memory, io and cpuset enabled
+    for its children (and at the root, for it) as far as the root offers them. The
+    root's cgroup.subtree_control is left as it is after the run: other groups may rely
+    on what it enables, and enabling moves no process."""
+    have = (CGROOT / "cgroup.controllers").read_text().split()
+    want = [c for c in V2_CONTROLLERS if c in have]
+    parent = Group2(tag, CGROOT, frozenset(want))
+    _enable(CGROOT, want)
+    parent.create()
+    _enable(parent.dir, want)
+    return parent
+
+
+def _enable(d: Path, controllers: list[str]) -> None:
+    knob = d / "cgroup.subtree_control"
+    on = knob.read_text().split() if knob.exists() else []
+    missing = [c for c in controllers if c not in on]
+    if missing:
+        knob.write_text(" ".join(f"+{c}" for c in missing))
 
 
 def cpu_times() -> dict[str, list[int]]:
@@ -212,7 +493,7 @@ class Testbed:
     work: Path
     disk: str = ""
     tag: str = field(default_factory=lambda: f"{PREFIX}-{os.getpid()}")
-    groups: list[Group] = field(default_factory=list)
+    groups: list[BaseGroup] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
     daemons: list[int] = field(default_factory=list)
@@ -220,6 +501,8 @@ class Testbed:
     netns: bool = False
     client_ns: str | None = None
     keep_logs: Path | None = None  # close() copies the *.log files of `work` here
+    cgroup: int = field(default_factory=lambda: cgroup_version())  # 1 or 2
+    _parent: Group2 | None = None  # v2: CGROOT/tag, made with the first group
     _n: int = 0
 
     # ---- set-up ---------------------------------------------------------------
@@ -240,26 +523,29 @@ class Testbed:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
         return ok
 
-    def group(self, role: str, *, memory: int | None, cpu: int, blkio: bool) -> Group:
+    def group(self, role: str, *, memory: int | None, cpu: int, blkio: bool) -> BaseGroup:
+        """A VM's group: memory (limit `memory`, page cache included), cpuset (`cpu`)
+        and, with `blkio`, the disk cap (v2: every group has io; only the client's
+        is capped)."""
         self._n += 1
-        ctls = ("memory", "cpuset") + (("blkio",) if blkio else ())
-        g = Group(f"{self.tag}-{role}-{self._n}", ctls)
+        name = f"{self.tag}-{role}-{self._n}"
+        g: BaseGroup
+        if self.cgroup == 1:
+            g = Group(name, ("memory", "cpuset") + (("blkio",) if blkio else ()))
+        else:
+            if self._parent is None:
+                self._parent = v2_parent(self.tag)
+            g = Group2(name, self._parent.dir, self._parent.controllers)
         self.groups.append(g)
         g.create()
-        g.write("cpuset", "cpuset.mems", (CGROOT / "cpuset" / "cpuset.mems").read_text().strip())
-        g.write("cpuset", "cpuset.cpus", str(cpu))
-        if memory is not None:
-            g.write("memory", "memory.limit_in_bytes", str(memory))
-        with contextlib.suppress(OSError):
-            g.write("memory", "memory.oom_control", "0")
+        g.setup(cpu=cpu, memory=memory)
         return g
 
-    def throttle(self, g: Group, iops: int | None, bps: int | None) -> None:
+    def throttle(self, g: BaseGroup, iops: int | None, bps: int | None) -> None:
         """Cap (or uncap with None) reads of the backing disk by the group's processes."""
-        g.write("blkio", "blkio.throttle.read_iops_device", f"{self.disk} {iops or 0}")
-        g.write("blkio", "blkio.throttle.read_bps_device", f"{self.disk} {bps or 0}")
+        g.throttle(self.disk, iops, bps)
 
-    def drop_group(self, g: Group) -> None:
+    def drop_group(self, g: BaseGroup) -> None:
         g.remove()
         with contextlib.suppress(ValueError):
             self.groups.remove(g)
@@ -296,7 +582,7 @@ class Testbed:
         return ns, f"{sub}.2"
 
     def spawn(
-        self, cmd: list[str], g: Group, *, log: Path, netns: str | None = None
+        self, cmd: list[str], g: BaseGroup, *, log: Path, netns: str | None = None
     ) -> subprocess.Popen:
         """Start `cmd` inside group `g` (and namespace `netns`), own session (no ^C)."""
         cmd = self._in_netns(cmd, netns)
@@ -318,7 +604,7 @@ class Testbed:
         return ["nsenter", f"--net=/run/netns/{netns}", *cmd] if netns else cmd
 
     def run(
-        self, cmd: list[str], g: Group, *, timeout: float, netns: str | None = None
+        self, cmd: list[str], g: BaseGroup, *, timeout: float, netns: str | None = None
     ) -> subprocess.CompletedProcess:
         p = subprocess.Popen(
             self._in_netns(cmd, netns),
@@ -367,7 +653,7 @@ class Testbed:
         raise RuntimeError(f"{what} at {host}:{port} did not start (status {proc.poll()})")
 
     def memlend_cli(
-        self, *args: str, g: Group | None = None, timeout: float = 60, netns: str | None = None
+        self, *args: str, g: BaseGroup | None = None, timeout: float = 60, netns: str | None = None
     ) -> str:
         cmd = [sys.executable, "-m", "memlend", *args]
         if g is None:
@@ -378,7 +664,7 @@ class Testbed:
             raise RuntimeError(f"memlend {' '.join(args[:2])} failed: {r.stderr.strip()[-300:]}")
         return r.stdout
 
-    def mount(self, g: Group, cache: int, extra: list[str]) -> tuple[str, int]:
+    def mount(self, g: BaseGroup, cache: int, extra: list[str]) -> tuple[str, int]:
         """`memlend mount` started inside the client group (its daemon stays there)."""
         mnt = str(self.work / "mnt")
         self.mounts.append(mnt)
@@ -426,9 +712,10 @@ class Testbed:
                 for pid in _netns_pids(ns):
                     ft.kill_pid(pid)
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            for g in leftover_groups(self.tag):
+            for g in leftover_groups(self.tag):  # v2: the parent last
                 g.remove()
             self.groups.clear()
+            self._parent = None
             self.namespaces.clear()
             self.client_ns = None
             self.daemons.clear()
@@ -483,12 +770,27 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
 
 
-def leftover_groups(tag: str = PREFIX) -> list[Group]:
-    """Groups named `tag`* under every controller (for tear-down and the tests)."""
+def _is_tag(name: str, tag: str) -> bool:
+    """`name` is `tag` or one of its groups (memlend-bench-12 is not memlend-bench-123)."""
+    return name == tag or name.startswith(f"{tag}-")
+
+
+def leftover_groups(tag: str = PREFIX) -> list[BaseGroup]:
+    """Groups named `tag`* (for tear-down and the tests): v1, under every controller;
+    v2, the children of each CGROOT/`tag`* parent, then the parents (rmdir order)."""
+    if cgroup_version() == 2:
+        children: list[BaseGroup] = []
+        parents: list[BaseGroup] = []
+        with contextlib.suppress(OSError):
+            for d in CGROOT.iterdir():
+                if d.is_dir() and _is_tag(d.name, tag):
+                    children += [Group2(c.name, d) for c in d.iterdir() if c.is_dir()]
+                    parents.append(Group2(d.name, CGROOT))
+        return children + parents
     names: dict[str, list[str]] = {}
-    for ctl in ("memory", "blkio", "cpuset"):
+    for ctl in V1_CONTROLLERS:
         with contextlib.suppress(OSError):
             for d in (CGROOT / ctl).iterdir():
-                if d.is_dir() and d.name.startswith(tag):
+                if d.is_dir() and _is_tag(d.name, tag):
                     names.setdefault(d.name, []).append(ctl)
     return [Group(n, tuple(c)) for n, c in names.items()]
