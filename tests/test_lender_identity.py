@@ -70,7 +70,10 @@ def test_a_client_cannot_reach_another_clients_blocks(
     assert "failed authentication: unknown client 'carol'" in log.read_text()
     with connect(lender.port, "alice", clients["alice"]) as alice:
         assert alice.multi_get([k for k, _ in mine]) == [v for _, v in mine]
-        assert alice.stats()["client_blocks"] == 8
+        s = alice.stats()
+        assert s["client_blocks"] == 8
+        # Tenants see their own sizing advice, not each other's activity.
+        assert list(s["client_advice"]) == [b"alice".hex()]  # named by its id's first 8 bytes
 
 
 def test_quota_keeps_a_clients_newest_blocks_and_spares_the_others(

@@ -413,6 +413,12 @@ class LenderServer:
             assert c.ns is not None
             s["client_blocks"] = len(c.ns.entries)  # this client's share of "blocks"
             s["client_share_blocks"] = st.client_share(c.ns)  # what it may hold: its curve's size
+            if self.allowed is not None:
+                # Clients with keys of their own (--clients) are tenants: each sees its
+                # own advice; the others' activity is the operator's (--metrics). With
+                # one shared secret every holder is trusted alike and sees all.
+                own = c.ns.client_id[:8].hex()
+                s["client_advice"] = {k: v for k, v in s["client_advice"].items() if k == own}
             self._send(c, conn.send_stats_reply(ev.request_id, s))
         elif isinstance(ev, p.Ping):
             self._send(c, conn.send_pong(ev.request_id, ev.data))
