@@ -199,7 +199,15 @@ def test_lender_killed_mid_put_then_restarted(
     data = make_files(m.backing, 4 * MiB, 2, seed=24)
     all_active(m)
     s0 = stats(m)
-    p = timed_pass(m, data, seed=1, at={0.5: lender.kill})
+
+    def kill_mid_put() -> None:
+        # Mid-put: once the put thread has sent a first batch (on a loaded host it
+        # may not have run yet at half the pass), while it still has more to send.
+        before = s0["remote_put_blocks"]
+        wait_for(lambda: stats(m)["remote_put_blocks"] > before, 10, "a first batch of puts")
+        lender.kill()
+
+    p = timed_pass(m, data, seed=1, at={0.5: kill_mid_put})
     s1 = stats(m)
     settle(m)  # what was queued for the dead lender is dropped, not kept forever
     dropped = s1["remote_dropped_puts"] - s0["remote_dropped_puts"]
