@@ -232,14 +232,16 @@ class ReadPath:
         lens: list[int],
         out: memoryview,
         fetched: list[tuple[int, int]],
+        budget: float = 0.0,
     ) -> None:
-        """Fill what the lenders hold of the missing blocks: one batch for them all."""
+        """Fill what the lenders hold of the missing blocks: one batch for them all
+        (`budget`: RemoteTier.get_many_into's)."""
         bs, epoch = self.bs, self.epoch
         wanted = {
             remote_key(epoch, file_id, version, first + k): k for k, n in enumerate(lens) if n < 0
         }
         into = {key: out[k * bs : (k + 1) * bs] for key, k in wanted.items()}
-        for key, n in self.remote.get_many_into(into).items():
+        for key, n in self.remote.get_many_into(into, budget).items():
             k = wanted[key]
             lens[k] = n
             fetched.append((k, n))
@@ -261,10 +263,13 @@ class ReadPath:
     def _ask_remote_timed(
         self, file_id: int, version: int, first: int, lens: list[int], out: memoryview
     ) -> None:
-        """_ask_remote for a stream's request, timed per block found for the gate."""
+        """_ask_remote for a stream's request, timed per block found for the gate. The
+        lenders may take as long as the disk would for these blocks: beyond that, the
+        disk is the faster source anyway."""
         t0 = time.monotonic()
         got: list[tuple[int, int]] = []
-        self._ask_remote(file_id, version, first, lens, out, got)
+        budget = self.gate.disk_block_seconds * lens.count(-1)
+        self._ask_remote(file_id, version, first, lens, out, got, budget)
         self.gate.remote_took(time.monotonic() - t0, len(got))
 
     def _fill_misses(
