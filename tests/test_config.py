@@ -18,6 +18,7 @@ GOOD = """\
 [mount]
 local_tier = "memlend"
 writeback_cache = false
+no_passthrough = false
 cache_size = "12M"
 block_size = "8K"
 policy = "lru"

@@ -35,6 +35,7 @@ MOUNT_SAMPLES = {
     "invalidated_blocks": ("memlend_invalidated_blocks_total", {}),
     "writes": ("memlend_writes_total", {}),
     "write_bytes": ("memlend_write_bytes_total", {}),
+    "passthrough_opens": ("memlend_passthrough_opens_total", {}),
     "remote_put_blocks": ("memlend_remote_puts_total", {}),
     "remote_dropped_puts": ("memlend_remote_dropped_puts_total", {}),
     "remote_queue_hits": ("memlend_remote_queue_hits_total", {}),

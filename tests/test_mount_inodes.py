@@ -110,12 +110,15 @@ def test_thirty_thousand_files_under_a_descriptor_limit_of_1024(
         time.sleep(0.1)
     assert m.stats()["inodes"] <= MAX_INODES + 1024
 
+    passed = m.stats().get("passthrough_opens", 0)
     for i in range(n):
         with open(m.mnt / name(i), "rb", buffering=0) as f:
             assert f.read() == b"%d\n" % i, name(i)
     fds.append(daemon_fds(m))
     stats = m.stats()
-    assert stats["disk_reads"] >= n
+    # Every file read from disk by the daemon, or (written through the mount in the
+    # kernel tier, while the daemon still knows it) opened in passthrough.
+    assert stats["disk_reads"] + stats.get("passthrough_opens", 0) - passed >= n
 
     for i in range(n):
         os.unlink(m.mnt / name(i))

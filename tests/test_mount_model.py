@@ -368,8 +368,17 @@ def _all(written: int, want: int) -> None:
     assert written == want
 
 
-def test_mount_matches_plain_directory(mount_factory, tmp_path: Path, local_tier: str) -> None:
-    mnt = mount_factory("--cache-size", "1M", "--block-size", "4K")
+@pytest.mark.parametrize(
+    "local_tier, options",
+    [("memlend", ()), ("kernel", ()), ("kernel", ("--no-passthrough",))],
+    ids=["memlend", "kernel", "kernel-no-passthrough"],
+)
+def test_mount_matches_plain_directory(
+    mount_factory, tmp_path: Path, local_tier: str, options: tuple[str, ...]
+) -> None:
+    """The kernel tier twice: as root its small written files are the kernel's
+    (passthrough), and without that every read and write goes through the daemon."""
+    mnt = mount_factory("--cache-size", "1M", "--block-size", "4K", *options)
     plain = tmp_path / "plain"
     plain.mkdir()
     MountModel.mount = mnt
@@ -387,5 +396,7 @@ def test_mount_matches_plain_directory(mount_factory, tmp_path: Path, local_tier
     if local_tier == "memlend":  # the small cache was really exercised
         assert s["local_hits"] > 0
         assert s["invalidated_blocks"] > 0
+    elif s.get("passthrough"):  # the kernel served written files from the backing store
+        assert s["passthrough_opens"] > 0
     else:  # the kernel's misses reached the daemon (its hits never do)
         assert s["local_misses"] > 0

@@ -703,8 +703,11 @@ def test_writes_through_the_mount_never_read_back_a_lent_old_copy(
     mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
     lender = lender_factory()
+    # The daemon's own write path: in passthrough a written file never reaches the
+    # lenders at all (tests/test_mount_passthrough.py checks that case).
     m = mount_factory(
-        *remote_opts(lender.url, seal=seal_key_file, secret=secret_file, cache="1M", policy="lru")
+        *remote_opts(lender.url, seal=seal_key_file, secret=secret_file, cache="1M", policy="lru"),
+        "--no-passthrough",
     )
     rnd = random.Random(5)
     t = Target(m, rnd.randbytes(16 * BS), flusher_size=2 * MiB)
@@ -749,10 +752,13 @@ def test_outside_changes_are_seen_at_open_not_the_lent_copy(
     mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
     lender = lender_factory()
+    # The page cache tier's own checks: in passthrough a file changed outside (its
+    # pages in the backing store's cache) is read from the backing file itself.
     m = mount_factory(
         *remote_opts(lender.url, seal=seal_key_file, secret=secret_file, cache="1M", policy="lru"),
         "--attr-timeout",
         "0.2",
+        "--no-passthrough",
     )
     rnd = random.Random(6)
     t = Target(m, rnd.randbytes(16 * BS), flusher_size=2 * MiB)

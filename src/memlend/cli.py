@@ -81,6 +81,13 @@ def _add_mount(sub: argparse._SubParsersAction) -> None:
         "send them in batches, as a local file system does (fsync and close flush them)",
     )
     p.add_argument(
+        "--no-passthrough",
+        action="store_true",
+        help="with --local-tier kernel as root: serve every write and read of written files "
+        "through the daemon, instead of letting the kernel do small written files' I/O on "
+        "the backing file itself (FUSE passthrough, Linux 6.9+; the default when granted)",
+    )
+    p.add_argument(
         "--cache-size",
         type=_size,
         default=DEFAULT_CACHE,
@@ -203,6 +210,7 @@ def _mount_config(args: argparse.Namespace):  # -> MountConfig
         direct_io=not args.buffered_backing,
         local_tier=args.local_tier,
         writeback_cache=args.writeback_cache,
+        passthrough=not args.no_passthrough,
         lenders=args.lender,
         secret_file=args.secret_file,
         seal_key_file=args.seal_key_file,

@@ -110,6 +110,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
     "mount": {
         "local_tier": ("local_tier", _choice("kernel", "memlend")),
         "writeback_cache": ("writeback_cache", _bool),
+        "no_passthrough": ("no_passthrough", _bool),
         "cache_size": ("cache_size", _size),
         "block_size": ("block_size", _size),
         "policy": ("policy", _policy),

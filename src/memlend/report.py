@@ -34,6 +34,7 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
     if stats.get("local_tier") == "kernel":
         # Page-cache hits never reach the daemon: only the misses can be counted.
         wb = ", writeback cache" if stats.get("writeback_cache") else ""
+        wb += ", written files in passthrough" if stats.get("passthrough") else ""
         local = [
             ("local tier", f"kernel page cache{wb}"),
             ("block size", human_bytes(stats["block_size"])),
@@ -64,6 +65,11 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
             ]
         ),
         ("writes", f"{stats['writes']} ({human_bytes(stats['write_bytes'])})"),
+        *(
+            [("opens in passthrough", f"{stats.get('passthrough_opens', 0)}")]
+            if stats.get("passthrough")
+            else []
+        ),
         ("remote hits / misses", f"{stats['remote_hits']} / {stats['remote_misses']}"),
         ("O_DIRECT backing reads", "yes" if stats["direct_io"] else "no"),
         ("shared mmap allowed", "yes" if stats["mmap_allowed"] else "no"),

@@ -17,6 +17,7 @@ COUNTERS = (
     "invalidated_blocks",
     "writes",
     "write_bytes",
+    "passthrough_opens",
     "remote_hits",
     "remote_misses",
 )
@@ -53,6 +54,7 @@ class MountStats:
     direct_io: bool = True
     local_tier: str = "memlend"
     writeback_cache: bool = False
+    passthrough: bool = False  # the kernel tier: small written files in passthrough
     mmap_allowed: bool = False
     resident_blocks: int = 0
     started: float = 0.0

@@ -61,6 +61,7 @@ class MountConfig:
     direct_io: bool = True
     local_tier: str = "memlend"  # or "kernel": the page cache is the first tier
     writeback_cache: bool = False  # the kernel tier: the kernel's writeback cache
+    passthrough: bool = True  # the kernel tier, as root: small written files in passthrough
     lenders: list[str] = field(default_factory=list)  # memlend:// or memcached:// URLs
     secret_file: str | None = None  # shared with memlend:// lenders (authentication)
     seal_key_file: str | None = None  # never leaves this host; default: seal_key_path()
@@ -430,23 +431,28 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     # daemon at each attribute refresh (measured: 40k reads/s against 520k-1M without,
     # and torn pages, docs/design-choices.md). Outside changes are seen at open and
     # when the daemon notices them (fs.on_outside_change sends the invalidation).
+    passthrough = kernel_tier and cfg.passthrough and os.geteuid() == 0  # the ioctl needs root
     session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
                       entry_timeout=cfg.attr_timeout, writeback_cache=cfg.writeback_cache,
-                      auto_inval_data=not kernel_tier)  # fmt: skip
+                      auto_inval_data=not kernel_tier, passthrough=passthrough)  # fmt: skip
     try:
         session.handshake()
         # Page-cache mounts map files as any file system does; direct I/O ones need
         # the kernel's DIRECT_IO_ALLOW_MMAP.
         stats.mmap_allowed = kernel_tier or session.mmap_allowed
         fs.writeback = stats.writeback_cache = session.writeback_cache
+        if session.passthrough:
+            fs.use_passthrough(session)
+            stats.passthrough = True
         fs.on_outside_change = _Notifier(session)
         fs.on_too_many = _prune_later(session)
         session.start()
         if kernel_tier:
             set_readahead(cfg.mountpoint, READAHEAD_KB)
+            extra = ", writeback cache" if session.writeback_cache else ""
+            extra += ", written files in passthrough" if session.passthrough else ""
             log.info("mounted %s on %s: the kernel page cache is the local tier%s",
-                     cfg.backing, cfg.mountpoint,
-                     ", writeback cache" if session.writeback_cache else "")  # fmt: skip
+                     cfg.backing, cfg.mountpoint, extra)  # fmt: skip
         else:
             log.info(
                 "mounted %s on %s: cache %d blocks of %d bytes, policy %s%s",

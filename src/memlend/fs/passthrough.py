@@ -40,11 +40,18 @@ from memlend.fuse.api import Context, DirEntry, Operations, SetattrRequest
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
+    from memlend.fuse.session import Session
     from memlend.remote.tier import RemoteTier
 
 log = logging.getLogger("memlend.fs")
 
 STATS_XATTR = b"user.memlend.stats"
+# Passthrough (the kernel tier): files opened for writing below this size, and from
+# then on every open of them, are read and written by the kernel on the backing file
+# itself: no round trip per write(2), and one copy of their pages (the backing file's)
+# instead of two. Bigger files stay on the page cache tier, whose misses the lenders
+# serve (a database file, a data set). docs/design-choices.md has the measurements.
+PASSTHROUGH_MAX = 1 << 20
 # Flags that make no sense (or harm) when reopening the backing inode.
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT)
 _BIG_RANGE = 1 << 16  # above this many blocks, re-key a file instead of dropping one by one
@@ -58,6 +65,30 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
 _libc.renameat2.argtypes += [ctypes.c_uint]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_SYS_CACHESTAT = 451  # x86_64 and most others (Linux 6.5)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recent")]
+
+
+_cachestat_ok = [True]
+
+
+def backing_cached(fd: int) -> bool:
+    """Does the backing store's page cache hold pages of `fd` (cachestat(2), 1.5 µs)?
+    False where the call is missing (before Linux 6.5)."""
+    if not _cachestat_ok[0]:
+        return False
+    c = _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(c), 0):
+        _cachestat_ok[0] = ctypes.get_errno() != errno.ENOSYS
+        return False
+    return c.cache > 0
 
 
 def _check(rc: int, what: str) -> None:
@@ -83,6 +114,7 @@ class FileState:
     outside_at_open: int = 0  # `outside` when the kernel last opened it with its pages
     lent_version: int = -1  # the kernel tier: last version some blocks were lent under
     key: tuple[int, int] = (0, 0)  # (st_dev, st_ino): its entry in Passthrough._files
+    passed: bool = False  # written by the kernel through passthrough: its pages are the backing's
 
 
 @dataclass(slots=True)
@@ -94,6 +126,20 @@ class Handle:
     readable: bool
     direct_fd: int = -1  # O_DIRECT descriptor for cached reads, opened on first read
     stream: Stream = field(default_factory=Stream)  # sequential read-ahead state
+    backing: int = 0  # passthrough: the kernel's id of `fd`; reads and writes skip us
+    writes: bool = False  # opened for writing
+
+
+@dataclass(slots=True)
+class IoMode:
+    """How the kernel does a file's I/O now: the kernel takes every handle of an inode
+    either through its page cache (cached) or through one backing file (passthrough),
+    and refuses an open of the other kind while one is open (EIO)."""
+
+    cached: int = 0  # handles open through the page cache
+    passed: int = 0  # handles open in passthrough
+    writers: int = 0  # of those, opened for writing
+    backing: int = 0  # the backing id they share
 
 
 @dataclass(slots=True)
@@ -141,6 +187,11 @@ class Passthrough(Operations):
         reader = KernelReadPath if self.kernel_tier else ReadPath
         self.reader = reader(cache, stats, direct_io=direct_io)
         self.writeback = False  # set by the daemon when the kernel grants its writeback cache
+        # Set by the daemon when the kernel grants passthrough (root, Linux 6.9+): the
+        # session that registers backing files (see _io_mode).
+        self.passthrough: Session | None = None
+        self._session: Session | None = None  # the same, kept if passthrough is refused
+        self._io: dict[tuple[int, int], IoMode] = {}
         self.dropper = PageDropper()  # the backing store's copy of written pages, later
         # Set by the daemon: called (nodeid) when open finds the backing file changed.
         self.on_outside_change: Callable[[int], None] | None = None
@@ -550,6 +601,7 @@ class Passthrough(Operations):
             self.on_outside_change(nodeid)
         accmode = flags & os.O_ACCMODE
         h = Handle(fd, inode, state, bool(flags & os.O_APPEND), accmode != os.O_WRONLY)
+        h.writes = accmode != os.O_RDONLY
         with self._lock:
             fh = next(self._fhs)
             self._handles[fh] = h
@@ -558,6 +610,8 @@ class Passthrough(Operations):
         open_flags = wire.FOPEN_NOFLUSH if accmode == os.O_RDONLY else 0
         if not self.kernel_tier:
             return fh, open_flags | wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
+        if self.passthrough is not None and self._io_mode(h, st):
+            return fh, open_flags | wire.FOPEN_PASSTHROUGH
         # Close-to-open: the kernel keeps the file's cached pages across this open only
         # if nothing changed it outside the mount since it cached them; otherwise it
         # drops them now (fuse_finish_open). Its own writes went through those pages.
@@ -565,6 +619,79 @@ class Passthrough(Operations):
             state.outside_at_open = state.outside
             return fh, open_flags
         return fh, open_flags | wire.FOPEN_KEEP_CACHE
+
+    def _io_mode(self, h: Handle, st: os.stat_result) -> bool:
+        """Open `h` in passthrough? Small files (PASSTHROUGH_MAX) opened for writing or
+        whose pages the backing store's page cache holds (written before, through the
+        mount or not: reading them through ours would cache them twice, and an O_DIRECT
+        read of a dirty page waits for its write-back), and files written so before,
+        unless handles of the inode are open through the page cache; and every handle
+        of an inode that has one open in passthrough, as the kernel requires. Set-ID
+        files stay with the daemon, which clears their bits on a write by another user.
+        Counts the handle in its inode's IoMode."""
+        state = h.state
+        setid = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+        with self._lock:
+            m = self._io.get(state.key)
+            if m is None:
+                m = self._io[state.key] = IoMode()
+            want = m.passed > 0 or (
+                m.cached == 0
+                and not setid
+                and (
+                    state.passed
+                    or (st.st_size < PASSTHROUGH_MAX and (h.writes or backing_cached(h.fd)))
+                )
+            )
+            if want and not m.backing:
+                try:
+                    m.backing = self.passthrough.backing_open(h.fd)  # type: ignore[union-attr]
+                except OSError as e:  # a stacked backing store, no CAP_SYS_ADMIN...
+                    log.warning("passthrough refused (%s): the daemon serves all I/O", e)
+                    self.passthrough = None
+                    want = False
+            if not want:
+                m.cached += 1
+                return False
+            m.passed += 1
+            self.stats.add("passthrough_opens")
+            h.backing = m.backing
+            if h.writes:
+                m.writers += 1
+                state.passed = True
+        return True
+
+    def use_passthrough(self, session: Session) -> None:
+        """The kernel granted passthrough: `session` registers backing files."""
+        self.passthrough = self._session = session
+
+    def backing_id(self, fh: int) -> int:
+        return self._handle(fh).backing
+
+    def _io_release(self, h: Handle, session: Session | None) -> None:
+        """`h` is closed: its inode's IoMode, and the backing id if it was the last."""
+        close = 0
+        with self._lock:
+            m = self._io.get(h.state.key)
+            if m is None:
+                return
+            if h.backing:
+                m.passed -= 1
+                m.writers -= h.writes
+                if not m.passed:
+                    close, m.backing = m.backing, 0
+            else:
+                m.cached -= 1
+            if not (m.cached or m.passed):
+                del self._io[h.state.key]
+        if close and session is not None:
+            session.backing_close(close)
+        if h.backing and h.writes:
+            # The kernel wrote the file behind our back: a new version (nothing lent
+            # before is served again), and pages the kernel cached before are stale.
+            st = os.fstat(h.fd)
+            self._changed(h.state, 0, max(h.state.size, st.st_size), st)
+            h.state.outside += 1
 
     def _backing_flags(self, flags: int) -> int:
         if self.writeback:
@@ -638,7 +765,11 @@ class Passthrough(Operations):
         self.reader.readahead.close(h.stream)  # before its descriptor goes
         if h.direct_fd >= 0 and h.direct_fd != h.fd:
             os.close(h.direct_fd)
-        if not h.readable or h.state.version:
+        if h.state.key in self._io:
+            self._io_release(h, self._session)
+        if h.backing:
+            os.close(h.fd)  # its pages are the only copy now: the kernel keeps them
+        elif not h.readable or h.state.version:
             # Written pages sit in the backing store's page cache: dropped once the
             # flusher has written them back (fs/page_dropper.py), not now.
             self.dropper.later(h.fd, h.state.key)

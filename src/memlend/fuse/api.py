@@ -118,6 +118,11 @@ class Operations:
         """Return (fh, FOPEN_* flags)."""
         raise _nosys()
 
+    def backing_id(self, fh: int) -> int:
+        """The backing id (Session.backing_open) of a handle opened with
+        FOPEN_PASSTHROUGH: the kernel then reads and writes that file itself."""
+        raise OSError(errno.EIO, "no backing file")
+
     def create(
         self,
         ctx: Context,

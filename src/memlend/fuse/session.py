@@ -11,6 +11,7 @@ others; a cached read is served without leaving the worker that read it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -48,6 +49,7 @@ class Session:
         attr_timeout: float = 1.0,
         writeback_cache: bool = False,
         auto_inval_data: bool = True,
+        passthrough: bool = False,
     ) -> None:
         self.fd = fd
         self.ops = ops
@@ -57,6 +59,7 @@ class Session:
         self.attr_timeout = attr_timeout
         self.writeback_cache = writeback_cache  # asked for; granted or not after INIT
         self.auto_inval_data = auto_inval_data
+        self.passthrough = passthrough  # asked for; granted or not after INIT
         self.proto_minor = 0
         self.mmap_allowed = False  # FUSE_DIRECT_IO_ALLOW_MMAP negotiated
         self._bufsize = max(max_write + 4096, wire.MIN_READ_BUFFER)
@@ -127,6 +130,8 @@ class Session:
             | wire.INIT_EXT
             | wire.DIRECT_IO_ALLOW_MMAP
             | (wire.WRITEBACK_CACHE if self.writeback_cache else 0)
+            # The kernel refuses passthrough beside its writeback cache.
+            | (wire.PASSTHROUGH if self.passthrough and not self.writeback_cache else 0)
         )
         if type(self.ops).kill_suidgid is not Operations.kill_suidgid:
             wanted |= wire.HANDLE_KILLPRIV_V2  # the file system clears set-ID bits
@@ -134,6 +139,7 @@ class Session:
         self.kernel_proto = (major, minor)  # what the kernel speaks (memlend doctor)
         self.kernel_flags = offered
         self.writeback_cache = bool(granted & wire.WRITEBACK_CACHE)
+        self.passthrough = bool(granted & wire.PASSTHROUGH)
         self.mmap_allowed = bool(granted & wire.DIRECT_IO_ALLOW_MMAP)
         self.proto_minor = min(minor, wire.OUR_MAX_MINOR)
         if not granted & wire.MAX_PAGES:
@@ -151,6 +157,7 @@ class Session:
             max_pages,
             0,
             granted >> 32,
+            1 if self.passthrough else 0,  # max_stack_depth: backing files are not FUSE
         )
         self._reply(unique, [out])
         self.ops.init(self)
@@ -403,14 +410,34 @@ class Session:
         if in_flags & wire.OPEN_KILL_SUIDGID:  # O_TRUNC (only with FUSE_ATOMIC_O_TRUNC)
             self.ops.kill_suidgid(ctx, nodeid, None)
         fh, open_flags = self.ops.open(ctx, nodeid, flags)
-        return wire.OPEN_OUT.pack(fh, open_flags, 0)
+        return wire.OPEN_OUT.pack(fh, open_flags, self._backing(fh, open_flags))
 
     def _create(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
         flags, mode, _umask, in_flags = wire.CREATE_IN.unpack_from(body)
         (name,) = wire.split_names(body[wire.CREATE_IN.size :], 1)
         kill = bool(in_flags & wire.OPEN_KILL_SUIDGID)
         node, st, fh, open_flags = self.ops.create(ctx, nodeid, name, mode, flags, kill)
-        return self._entry((node, st)) + wire.OPEN_OUT.pack(fh, open_flags, 0)
+        out = wire.OPEN_OUT.pack(fh, open_flags, self._backing(fh, open_flags))
+        return self._entry((node, st)) + out
+
+    def _backing(self, fh: int, open_flags: int) -> int:
+        return self.ops.backing_id(fh) if open_flags & wire.FOPEN_PASSTHROUGH else 0
+
+    # ---- passthrough: backing files registered with the kernel (root only) ----
+
+    def backing_open(self, fd: int) -> int:
+        """Register the open backing file `fd`; its id, for FOPEN_PASSTHROUGH replies.
+        OSError if the kernel refuses (not root, a stacked backing file system...)."""
+        arg = bytearray(wire.BACKING_MAP.pack(fd, 0, 0))
+        return fcntl.ioctl(self.fd, wire.DEV_IOC_BACKING_OPEN, arg, True)
+
+    def backing_close(self, backing_id: int) -> None:
+        """Forget a backing id; files opened with it keep their backing file."""
+        arg = bytearray(struct.pack("<I", backing_id))
+        try:
+            fcntl.ioctl(self.fd, wire.DEV_IOC_BACKING_CLOSE, arg, True)
+        except OSError as e:  # unmounted meanwhile: nothing left to forget
+            log.debug("backing_close(%d): %s", backing_id, e)
 
     def _write(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
         fh, offset, size, write_flags, *_ = wire.WRITE_IN.unpack_from(body)

@@ -85,12 +85,14 @@ MAX_PAGES = 1 << 22
 HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_EXT = 1 << 30
 DIRECT_IO_ALLOW_MMAP = 1 << 36
+PASSTHROUGH = 1 << 37  # Linux 6.9: a file's reads and writes go to a backing file
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NOFLUSH = 1 << 5  # close(2) sends no FLUSH (ignored under the writeback cache)
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7  # open_out.backing_id names the backing file
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -126,12 +128,12 @@ ATTR = struct.Struct("<" + ATTR_FMT)
 ENTRY_OUT = struct.Struct("<QQQQII" + ATTR_FMT)
 ATTR_OUT = struct.Struct("<QII" + ATTR_FMT)
 INIT_IN = struct.Struct("<IIIII44x")
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # ... flags2 max_stack_depth
 GETATTR_IN = struct.Struct("<IIQ")
 SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
 OPEN_IN = struct.Struct("<II")
 CREATE_IN = struct.Struct("<IIII")
-OPEN_OUT = struct.Struct("<QII")
+OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQIIQII")
 WRITE_IN = READ_IN  # same layout: fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("<II")
@@ -220,3 +222,11 @@ def split_names(data: bytes | memoryview, count: int) -> list[bytes]:
     if len(parts) <= count:
         raise ValueError("request body lacks a NUL-terminated name")
     return parts[:count]
+
+
+# ioctls on /dev/fuse for passthrough (Linux 6.9, root only): register an open backing
+# file, _IOW(229, 1, struct fuse_backing_map {s32 fd; u32 flags; u64 padding}) -> its
+# backing id; forget one, _IOW(229, 2, u32 backing id).
+DEV_IOC_BACKING_OPEN = 0x4010E501
+DEV_IOC_BACKING_CLOSE = 0x4004E502
+BACKING_MAP = struct.Struct("<iIQ")

@@ -26,6 +26,11 @@ _COUNTERS = (
     ("memlend_invalidated_blocks", "invalidated_blocks", "Cached blocks dropped as stale"),
     ("memlend_writes", "writes", "WRITE requests"),
     ("memlend_write_bytes", "write_bytes", "Bytes written"),
+    (
+        "memlend_passthrough_opens",
+        "passthrough_opens",
+        "Opens the kernel serves itself from the backing file (FUSE passthrough)",
+    ),
     ("memlend_remote_queue_hits", "remote_queue_hits", "Reads answered from the put queue"),
     ("memlend_remote_puts_skipped", "remote_put_skipped", "Puts skipped: the lender has it"),
     ("memlend_remote_errors", "remote_errors", "Failed lender calls (read as misses)"),
