@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import random
 import struct
-import time
-from collections.abc import Callable
 
+from memlend.bench.curve_cost import best_ns
 from memlend.mrc import MASK, MIX
 from memlend.stackcurve import RemoteCurve
 
 KEY = struct.Struct(">8sQQQ")  # fs.readpath's remote key
 N = 200_000
-
-
-def best_ns(run: Callable[[], None], ops: int, repeat: int = 7) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best / ops * 1e9
 
 
 class _Tier:  # the attribute path the tier's hooks read
