@@ -138,7 +138,6 @@ class IoMode:
 
     cached: int = 0  # handles open through the page cache
     passed: int = 0  # handles open in passthrough
-    writers: int = 0  # of those, opened for writing
     backing: int = 0  # the backing id they share
 
 
@@ -630,19 +629,15 @@ class Passthrough(Operations):
         files stay with the daemon, which clears their bits on a write by another user.
         Counts the handle in its inode's IoMode."""
         state = h.state
-        setid = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+        small = st.st_size < PASSTHROUGH_MAX
+        suits = not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (
+            state.passed or (small and (h.writes or backing_cached(h.fd)))
+        )
         with self._lock:
             m = self._io.get(state.key)
             if m is None:
                 m = self._io[state.key] = IoMode()
-            want = m.passed > 0 or (
-                m.cached == 0
-                and not setid
-                and (
-                    state.passed
-                    or (st.st_size < PASSTHROUGH_MAX and (h.writes or backing_cached(h.fd)))
-                )
-            )
+            want = m.passed > 0 or (m.cached == 0 and suits)
             if want and not m.backing:
                 try:
                     m.backing = self.passthrough.backing_open(h.fd)  # type: ignore[union-attr]
@@ -657,7 +652,6 @@ class Passthrough(Operations):
             self.stats.add("passthrough_opens")
             h.backing = m.backing
             if h.writes:
-                m.writers += 1
                 state.passed = True
         return True
 
@@ -677,7 +671,6 @@ class Passthrough(Operations):
                 return
             if h.backing:
                 m.passed -= 1
-                m.writers -= h.writes
                 if not m.passed:
                     close, m.backing = m.backing, 0
             else:
