@@ -26,6 +26,7 @@ FLAGS = {
     "WRITEBACK_CACHE": (wire.WRITEBACK_CACHE, "no --writeback-cache"),
     "DIRECT_IO_ALLOW_MMAP": (wire.DIRECT_IO_ALLOW_MMAP, "no shared mmap with --local-tier memlend"),
     "HANDLE_KILLPRIV_V2": (wire.HANDLE_KILLPRIV_V2, "the kernel clears set-ID bits itself"),
+    "PASSTHROUGH": (wire.PASSTHROUGH, "small written files' I/O goes through the daemon"),
 }
 
 
