@@ -4,6 +4,7 @@ per-client quotas, per-run sealing keys; against a real `memlend lend --clients`
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import memlend
 from memlend.errors import UserError
 from memlend.lender.clients import load_clients
-from memlend.remote.client import LenderClient, RemoteAuthError
+from memlend.remote.client import LenderClient, RemoteAuthError, RemoteError
 from memlend.remote.sealing import RunSealer, SealError
 from memlend.remote.secret import auth_key, write_secret
 
@@ -197,3 +198,57 @@ def test_client_name_needs_a_valid_name_and_a_secret(tmp_path: Path) -> None:
         r = memlend("mount", str(backing), str(mnt), *extra, check=False)
         assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
         assert error in r.stderr, r.stderr
+
+
+def test_sighup_reads_the_clients_file_again(lender_factory, clients, tmp_path: Path) -> None:
+    """An operator changes tenants without a restart: a removed client loses its
+    connections and its blocks, a re-keyed one must use the new key, a new one may
+    connect, a changed quota holds; a file that does not load changes nothing."""
+    path = tmp_path / "clients"
+    lender = lender_factory("--clients", str(path))
+    log = tmp_path / "lender0.log"
+
+    def reload(expect: str) -> None:
+        seen = log.read_text().count(expect)
+        lender.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + 5
+        while log.read_text().count(expect) == seen and time.monotonic() < end:
+            time.sleep(0.05)
+        assert log.read_text().count(expect) > seen, log.read_text()[-500:]
+
+    alice = connect(lender.port, "alice", clients["alice"])
+    bob = connect(lender.port, "bob", clients["bob"])
+    try:
+        assert alice.put_many(blocks(b"A", 8)) == 8
+        assert bob.put_many(blocks(b"B", 4)) == 4
+        # A file that does not load: the running list stays, nobody is cut off.
+        text = path.read_text()
+        path.write_text(text + "carol\n")
+        reload("clients file not reloaded")
+        assert alice.stats()["client_blocks"] == 8 and bob.stats()["client_blocks"] == 4
+        # bob removed, alice's quota down to 2 blocks, carol added.
+        carol = os.urandom(32)
+        path.write_text(f"alice  alice.key  32K\ncarol  {carol.hex()}  -\n")
+        reload("read again: 2 clients (1 added, 1 removed, 0 re-keyed)")
+        with pytest.raises(RemoteError):
+            bob.stats()  # its connection was closed
+        with pytest.raises(RemoteAuthError):
+            connect(lender.port, "bob", clients["bob"])
+        alice.put_many([(b"new%d" % i, b"n" * BLOCK) for i in range(8)])
+        assert alice.stats()["client_blocks"] == 2  # the new quota: 32K of 16K blocks
+        with connect(lender.port, "carol", carol) as c:
+            assert c.put_many(blocks(b"C", 1)) == 1
+            assert c.stats()["blocks"] == 3  # bob's 4 went with him
+        # alice re-keyed: her open connection goes, the new key works, the old does not.
+        new = os.urandom(32)
+        path.write_text(f"alice  {new.hex()}  -\ncarol  {carol.hex()}  -\n")
+        reload("(0 added, 0 removed, 1 re-keyed)")
+        with pytest.raises(RemoteError):
+            alice.stats()
+        with pytest.raises(RemoteAuthError):
+            connect(lender.port, "alice", clients["alice"])
+        with connect(lender.port, "alice", new) as a:
+            assert a.stats()["client_blocks"] == 2
+    finally:
+        alice.close()
+        bob.close()

@@ -246,6 +246,7 @@ def run_lend(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         busy_poll_us=args.busy_poll_us,
         watch_interval=args.watch_interval,
+        clients_file=args.clients,
     )
     server = srv.LenderServer(
         sock,
@@ -257,6 +258,8 @@ def run_lend(args: argparse.Namespace) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
+    # SIGHUP (systemctl reload): the clients file again; without one, nothing to do.
+    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     if endpoint is not None:
         from memlend.metrics.lender_collector import LenderCollector
 

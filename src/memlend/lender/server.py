@@ -25,8 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from memlend import native
+from memlend.errors import UserError
 from memlend.lender.cgroup import PressureEvents, pressure_events
-from memlend.lender.clients import AllowedClient
+from memlend.lender.clients import AllowedClient, load_clients
 from memlend.lender.store import Namespace, Store
 from memlend.lender.watcher import Watcher
 from memlend.remote import protocol as p
@@ -48,6 +49,7 @@ class ServerConfig:
     # reads the store's index itself, so a Store whose get_parts differs opts out.
     native_gets: bool = True
     watch_interval: float = 0.1
+    clients_file: str | None = None  # --clients: read again on request_reload() (SIGHUP)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class LenderServer:
         self._suppressed = 0
         self._running = False
         # Self-pipe: stop() from another thread or a signal handler wakes the loop.
+        self._reload_wanted = False  # request_reload() was called
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -135,6 +138,42 @@ class LenderServer:
         self._running = False
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+
+    def request_reload(self) -> None:
+        """Read the clients file again, from the loop (safe from a signal handler)."""
+        self._reload_wanted = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"r")
+
+    def _reload_clients(self) -> None:
+        """The clients file again: new clients may connect; a client removed, or whose
+        key changed, loses its connections (and, removed, its blocks); quotas change in
+        place. A file that does not load leaves the running list as it is."""
+        self._reload_wanted = False
+        path = self.cfg.clients_file
+        if path is None or self.allowed is None:
+            log.info("SIGHUP: no clients file to read again")
+            return
+        try:
+            new = load_clients(path)
+        except UserError as e:
+            log.error("clients file not reloaded, the running list stays: %s", e)
+            return
+        old, self.allowed = self.allowed, new
+        gone = {cid for cid, a in old.items() if new.get(cid, a).auth_key != a.auth_key}
+        gone |= old.keys() - new.keys()
+        for c in list(self.clients.values()):
+            if c.ns is not None and c.ns.client_id in gone:
+                self._close(c, "its key was removed or changed in the clients file")
+        for cid in old.keys() - new.keys():
+            self.store.drop_client(cid)
+        for cid, a in new.items():
+            if cid in old and cid not in gone:
+                self.store.namespace(cid, a.quota)  # the new quota, if it changed
+        added = len(new.keys() - old.keys())
+        log.info("clients file %s read again: %d clients (%d added, %d removed, %d re-keyed)",
+                 path, len(new), added, len(old.keys() - new.keys()),
+                 len(gone & new.keys()))  # fmt: skip
 
     # ---- main loop ------------------------------------------------------------------
 
@@ -193,6 +232,8 @@ class LenderServer:
             elif fd == self._wake_r:
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 4096)
+                if self._reload_wanted:
+                    self._reload_clients()
             elif fd in self._pressure_fds:  # the cgroup or host is short of memory: act now
                 self.events.consume(fd)
                 now = time.monotonic()

@@ -108,6 +108,9 @@ class Store:
         ns = self._ns.get(client_id)
         if ns is not None:
             ns.quota_slots = None if quota is None else max(1, quota // self.slot_size)
+            if ns.quota_slots is not None and len(ns.entries) > ns.quota_slots:
+                # A quota lowered (clients file read again): its oldest blocks go now.
+                self.invalidate(ns, list(ns.entries)[: len(ns.entries) - ns.quota_slots])
             return ns
         if len(self._ns) >= self.max_namespaces:
             for cid in [c for c, n in self._ns.items() if not n.entries]:
@@ -124,6 +127,19 @@ class Store:
         self._ns[client_id] = ns
         self._by_index[ns.index] = ns
         return ns
+
+    def drop_client(self, client_id: bytes) -> int:
+        """A client no longer allowed (clients file reloaded): its blocks and its
+        namespace go; returns the blocks freed."""
+        ns = self._ns.get(client_id)
+        if ns is None:
+            return 0
+        freed = self.invalidate_all(ns)
+        del self._ns[client_id]
+        del self._by_index[ns.index]
+        if ns.curve is not None:
+            self.advice_curves += 1
+        return freed
 
     def client_share(self, ns: Namespace) -> int:
         """Blocks `ns` may hold before its own are evicted: its share, within what the
