@@ -625,6 +625,28 @@ static int recv_frame(int fd, unsigned char *buf, size_t cap, size_t *gotp, doub
     }
 }
 
+/* Is buf[0..got) exactly one whole GET_REPLY frame answering request `rid`? */
+static int is_reply_to(const unsigned char *buf, size_t got, unsigned long rid) {
+    return got >= HEADER_SIZE && got == HEADER_SIZE + be32(buf + 10) &&
+           header_is(buf, T_GET_REPLY) && be32(buf + 6) == rid;
+}
+
+/* The result of a client wait that did not end in the fast case: OSError for a socket
+   error, else (status, the bytes received, caught, late); a time-out with part of a
+   reply in is NOT_FAST (Python reads on). */
+static PyObject *wait_result(int err, int status, const unsigned char *buf, size_t got,
+                             int caught, int late) {
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (status == TIMED_OUT && got) status = NOT_FAST;
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
+    if (data == NULL) return NULL;
+    return Py_BuildValue("(iNOO)", status, data, caught ? Py_True : Py_False,
+                         late ? Py_True : Py_False);
+}
+
 /* get_one(fd, request id, key, buf, deadline, spin_seconds, budget)
        -> (status, value or received bytes, caught while spinning, late)
 
@@ -706,13 +728,7 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
     PyObject *out = NULL;
     PyObject *lt = late ? Py_True : Py_False;
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    if (status == NOT_FAST && got == HEADER_SIZE + be32(buf + 10) && header_is(buf, T_GET_REPLY) &&
-        be32(buf + 6) == rid) {
+    if (!err && status == NOT_FAST && is_reply_to(buf, got, rid)) {
         size_t length = got - HEADER_SIZE;
         const unsigned char *pl = buf + HEADER_SIZE;
         if (length >= 7 && pl[0] == 0 && pl[1] == 1 && pl[2] == 1 && be32(pl + 3) == length - 7) {
@@ -729,10 +745,7 @@ static PyObject *get_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             goto done;
         }
     }
-    if (status == TIMED_OUT && got) status = NOT_FAST; /* part of a reply: Python waits on */
-    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
-    if (data != NULL)
-        out = Py_BuildValue("(iNOO)", status, data, caught ? Py_True : Py_False, lt);
+    out = wait_result(err, status, buf, got, caught, late);
 done:
     PyBuffer_Release(&bb);
     return out;
@@ -743,9 +756,7 @@ done:
    it is anything else (the caller hands the bytes to the Python decoder). */
 static PyObject *values_in(PyObject *view, const unsigned char *buf, size_t got,
                            unsigned long rid, uint32_t n) {
-    if (got < HEADER_SIZE || got != HEADER_SIZE + be32(buf + 10) ||
-        !header_is(buf, T_GET_REPLY) || be32(buf + 6) != rid)
-        return NULL;
+    if (!is_reply_to(buf, got, rid)) return NULL;
     size_t pos = HEADER_SIZE + 2;
     if (got < pos || be16(buf + HEADER_SIZE) != n) return NULL;
     PyObject *out = PyList_New(n);
@@ -809,23 +820,17 @@ static PyObject *recv_values(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (status < 0) err = errno;
     late = now_mono() - deadline > CLIENT_LATE;
     Py_END_ALLOW_THREADS
-    PyObject *out = NULL, *cg = caught ? Py_True : Py_False, *lt = late ? Py_True : Py_False;
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    if (status == NOT_FAST) {
+    PyObject *out = NULL;
+    if (!err && status == NOT_FAST) {
         PyObject *values = values_in(args[3], buf, got, rid, (uint32_t)n);
         if (values != NULL) {
-            out = Py_BuildValue("(iNOO)", GOT_VALUE, values, cg, lt);
+            out = Py_BuildValue("(iNOO)", GOT_VALUE, values, caught ? Py_True : Py_False,
+                                late ? Py_True : Py_False);
             goto done;
         }
         if (PyErr_Occurred()) goto done;
     }
-    if (status == TIMED_OUT && got) status = NOT_FAST; /* part of a reply: Python waits on */
-    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)got);
-    if (data != NULL) out = Py_BuildValue("(iNOO)", status, data, cg, lt);
+    out = wait_result(err, status, buf, got, caught, late);
 done:
     PyBuffer_Release(&bb);
     return out;

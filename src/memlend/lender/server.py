@@ -160,20 +160,19 @@ class LenderServer:
             log.error("clients file not reloaded, the running list stays: %s", e)
             return
         old, self.allowed = self.allowed, new
-        gone = {cid for cid, a in old.items() if new.get(cid, a).auth_key != a.auth_key}
-        gone |= old.keys() - new.keys()
+        removed = old.keys() - new.keys()
+        rekeyed = {cid for cid in old.keys() & new.keys() if new[cid].auth_key != old[cid].auth_key}
+        gone = removed | rekeyed
         for c in list(self.clients.values()):
             if c.ns is not None and c.ns.client_id in gone:
                 self._close(c, "its key was removed or changed in the clients file")
-        for cid in old.keys() - new.keys():
+        for cid in removed:
             self.store.drop_client(cid)
-        for cid, a in new.items():
-            if cid in old and cid not in gone:
-                self.store.namespace(cid, a.quota)  # the new quota, if it changed
-        added = len(new.keys() - old.keys())
+        for cid in old.keys() & new.keys() - rekeyed:
+            self.store.namespace(cid, new[cid].quota)  # the new quota, if it changed
         log.info("clients file %s read again: %d clients (%d added, %d removed, %d re-keyed)",
-                 path, len(new), added, len(old.keys() - new.keys()),
-                 len(gone & new.keys()))  # fmt: skip
+                 path, len(new), len(new.keys() - old.keys()), len(removed),
+                 len(rekeyed))  # fmt: skip
 
     # ---- main loop ------------------------------------------------------------------
 

@@ -114,10 +114,7 @@ class Store:
             return ns
         if len(self._ns) >= self.max_namespaces:
             for cid in [c for c, n in self._ns.items() if not n.entries]:
-                gone = self._ns.pop(cid)
-                del self._by_index[gone.index]
-                if gone.curve is not None:
-                    self.advice_curves += 1
+                self._remove(self._ns[cid])
             if len(self._ns) >= self.max_namespaces:
                 return None
         ns = Namespace(client_id, self._next_index)
@@ -135,11 +132,15 @@ class Store:
         if ns is None:
             return 0
         freed = self.invalidate_all(ns)
-        del self._ns[client_id]
+        self._remove(ns)
+        return freed
+
+    def _remove(self, ns: Namespace) -> None:
+        """An empty namespace leaves the table; its advice curve's budget is free again."""
+        del self._ns[ns.client_id]
         del self._by_index[ns.index]
         if ns.curve is not None:
             self.advice_curves += 1
-        return freed
 
     def client_share(self, ns: Namespace) -> int:
         """Blocks `ns` may hold before its own are evicted: its share, within what the

@@ -180,20 +180,31 @@ class LenderClient(SpinSocket):
     ) -> tuple:
         """_ask in C (memlend._native.get_one): the wait releases the GIL and spins
         with sched_yield, so it gives way to any thread that needs this CPU."""
-        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
+        spin = self._native_spin()
         fd = self._require().fileno()
         buf = self._reply_view if view else self._reply_buf
         status, data, caught, self.late = native.get_one(fd, rid, key, buf, deadline, spin, budget)
+        if self._native_done(status, data, caught, spin):
+            return True, data, deadline
+        # A reply in pieces: the lender's budget counts from now (its first bytes came).
+        return False, data, max(deadline, time.monotonic() + budget)
+
+    def _native_spin(self) -> float:
+        """Seconds a native wait spins before it sleeps (0: the spin policy says no)."""
+        return self.busy_poll_ns / 1e9 if self._spin() else 0.0
+
+    def _native_done(self, status: int, data: object, caught: bool, spin: float) -> bool:
+        """After a native wait: True if `data` is the answer; RemoteError for a time-out
+        or a closed peer; False: `data` is bytes for the Python decoder to judge."""
         if spin:
             self._spin_caught(caught)
         if status == native.GOT_VALUE or status == native.GOT_NONE:
-            return True, data, deadline
+            return True
         if status == native.TIMED_OUT:
             raise self._timed_out()
         if status == native.CLOSED and not data:
             raise RemoteError(f"{self.what} closed the connection")
-        # A reply in pieces: the lender's budget counts from now (its first bytes came).
-        return False, data, max(deadline, time.monotonic() + budget)
+        return False
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Store clean blocks; returns how many the lender kept (it may refuse any)."""

@@ -151,17 +151,11 @@ class _MemlendClient(LenderClient):
         buf = getattr(_thread_buf, "view", None)
         if buf is None or len(buf) < size:
             buf = _thread_buf.view = memoryview(bytearray(size))
-        spin = self.busy_poll_ns / 1e9 if self._spin() else 0.0
+        spin = self._native_spin()
         fd = self._require().fileno()
         status, got, caught, self.late = native.recv_values(fd, rid, n, buf, deadline, spin)
-        if spin:
-            self._spin_caught(caught)
-        if status == native.GOT_VALUE:
+        if self._native_done(status, got, caught, spin):
             return got
-        if status == native.TIMED_OUT:
-            raise self._timed_out()
-        if status == native.CLOSED and not got:
-            raise RemoteError(f"{self.what} closed the connection")
         self._recv_events(got)  # anything else: the Python decoder judges, reads on
         reply = self._expect(p.GetReply, deadline, rid, spin=False)
         if len(reply.values) != n:
