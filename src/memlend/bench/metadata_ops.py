@@ -4,7 +4,8 @@
 
 For each DIR (a plain directory, a memlend mount, another FUSE file system...), in
 turn and twice: create+write+close of --files files, stat of each, open+read+close of
-each, and unlink of each; prints µs per operation and the ratio to the first DIR. The
+each, `ls -l` of the directory (its time per file), and unlink of each;
+prints µs per operation and the ratio to the first DIR. The
 small-file side of Postmark, one operation kind at a time (docs/benchmarks.md).
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 
 from memlend.errors import UserError
 from memlend.sizes import parse_size
 
-OPS = ("create+write+close", "stat", "open+read+close", "unlink")
+OPS = ("create+write+close", "stat", "open+read+close", "ls -l", "unlink")
 
 
 def _time_ops(d: str, n: int, data: bytes) -> dict[str, float]:
@@ -38,11 +40,14 @@ def _time_ops(d: str, n: int, data: bytes) -> dict[str, float]:
             with open(p, "rb") as f:
                 f.read()
 
+    def listing() -> None:  # the real program: names, attributes, and its xattr queries
+        subprocess.run(["ls", "-l", d], stdout=subprocess.DEVNULL, check=True)
+
     def unlink() -> None:
         for p in names:
             os.unlink(p)
 
-    for op, fn in zip(OPS, (create, stat, read, unlink), strict=True):
+    for op, fn in zip(OPS, (create, stat, read, listing, unlink), strict=True):
         t = time.perf_counter()
         fn()
         out[op] = (time.perf_counter() - t) / n * 1e6

@@ -33,6 +33,7 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")
 _READ = int(Op.READ)
 _READ_ARGS = struct.Struct("<QQI")  # fh offset size: the head of fuse_read_in
 _OUT = wire.OUT_HEADER
+_NO_ATTR = (0,) * 16  # the fuse_attr of a negative entry
 
 
 class Session:
@@ -91,6 +92,7 @@ class Session:
             Op.LSEEK: self._lseek,
             Op.OPENDIR: self._opendir,
             Op.READDIR: self._readdir,
+            Op.READDIRPLUS: self._readdirplus,
             Op.RELEASEDIR: self._releasedir,
             Op.FSYNCDIR: self._fsyncdir,
             Op.STATFS: self._statfs,
@@ -133,6 +135,10 @@ class Session:
             # The kernel refuses passthrough beside its writeback cache.
             | (wire.PASSTHROUGH if self.passthrough and not self.writeback_cache else 0)
         )
+        if type(self.ops).readdir is not Operations.readdir:
+            # `ls -l` and friends: names with their attributes in one request, not a
+            # LOOKUP per entry; the kernel asks for it where lookups follow a listing.
+            wanted |= wire.DO_READDIRPLUS | wire.READDIRPLUS_AUTO
         if type(self.ops).kill_suidgid is not Operations.kill_suidgid:
             wanted |= wire.HANDLE_KILLPRIV_V2  # the file system clears set-ID bits
         granted = offered & wanted
@@ -327,7 +333,16 @@ class Session:
 
     def _lookup(self, nodeid: int, body: memoryview, ctx: Context) -> bytes:
         (name,) = wire.split_names(body, 1)
-        return self._entry(self.ops.lookup(ctx, nodeid, name))
+        try:
+            return self._entry(self.ops.lookup(ctx, nodeid, name))
+        except FileNotFoundError:
+            if not self.entry_timeout:
+                raise
+            # A negative entry: the kernel remembers the name is absent for as long
+            # as a positive one, instead of asking again (a create's LOOKUP, PATH
+            # searches). Names made outside the mount show within entry_timeout.
+            es, ens = wire.split_timeout(self.entry_timeout)
+            return wire.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_NO_ATTR)
 
     def _forget(self, nodeid: int, body: memoryview, ctx: Context) -> object:
         (nlookup,) = wire.FORGET_IN.unpack_from(body)
@@ -482,6 +497,27 @@ class Session:
             out.append(rec)
             used += len(rec)
         return out  # thousands of records for a big directory: _reply joins them
+
+    def _readdirplus(self, nodeid: int, body: memoryview, ctx: Context) -> list[bytes]:
+        fh, offset, size, *_ = wire.READ_IN.unpack_from(body)
+        out: list[bytes] = []
+        used = 0
+        for entry in self.ops.readdir(nodeid, fh, offset):
+            need = wire.direntplus_size(entry.name)
+            if used + need > size:
+                break  # checked before the lookup: an entry not sent is not looked up
+            plus = None
+            if entry.name not in (b".", b".."):
+                try:
+                    plus = self._entry(self.ops.lookup(ctx, nodeid, entry.name))
+                except OSError:
+                    pass  # gone meanwhile: sent without attributes, looked up later
+            if plus is None:  # nodeid 0: the kernel makes no entry of it
+                plus = wire.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, entry.ino, *_NO_ATTR[1:9],
+                                           entry.dtype << 12, *_NO_ATTR[10:])  # fmt: skip
+            out.append(wire.dirent(entry.ino, entry.next_offset, entry.dtype, entry.name, plus))
+            used += need
+        return out
 
     def _releasedir(self, nodeid: int, body: memoryview, ctx: Context) -> None:
         fh, *_ = wire.RELEASE_IN.unpack_from(body)

@@ -78,6 +78,8 @@ ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
 DONT_MASK = 1 << 6
 AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13  # READDIRPLUS: entries with their attributes, one request
+READDIRPLUS_AUTO = 1 << 14  # ...only when the kernel sees them looked up (ls -l)
 ASYNC_DIO = 1 << 15
 WRITEBACK_CACHE = 1 << 16
 PARALLEL_DIROPS = 1 << 18
@@ -214,6 +216,12 @@ def dirent(ino: int, next_off: int, dtype: int, name: bytes, plus_entry: bytes =
     """One fuse_dirent (or fuse_direntplus when plus_entry is given), 8-byte aligned."""
     body = plus_entry + DIRENT.pack(ino, next_off, len(name), dtype) + name
     return body + b"\0" * (-len(body) % 8)
+
+
+def direntplus_size(name: bytes) -> int:
+    """The size of one fuse_direntplus record for `name`, padding included."""
+    n = ENTRY_OUT.size + DIRENT.size + len(name)
+    return n + (-n % 8)
 
 
 def split_names(data: bytes | memoryview, count: int) -> list[bytes]:
