@@ -15,11 +15,14 @@ DISKS: dict[str, tuple[int | None, int | None]] = {  # read IOPS, read bytes/s
 }
 # local/lender/lenders/memcached: memlend's own cache as the first tier; kernel and
 # kernel-lender: the kernel page cache as the first tier (--local-tier kernel);
-# kernel-wb: that with the kernel's writeback cache (--writeback-cache).
+# kernel-wb: that with the kernel's writeback cache (--writeback-cache). cfuse, only on
+# request (--config cfuse --cfuse BINARY): not memlend but a C FUSE passthrough, such as
+# libfuse's passthrough_ll, mounted the same way: what any FUSE file system costs here.
 CONFIGS = (
     "pagecache", "local", "kernel", "kernel-wb", "lender", "kernel-lender", "lenders",
     "memcached", "ideal",
 )  # fmt: skip
+EXTRA_CONFIGS = ("cfuse",)
 REMOTE_CONFIGS = ("lender", "kernel-lender", "lenders", "memcached")
 QUICK_CONFIGS = ("pagecache", "local", "lender", "kernel-lender", "ideal")
 
@@ -40,7 +43,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload", nargs="+", action="extend", metavar="NAME", help=", ".join(wl.WORKLOADS)
     )
-    p.add_argument("--config", nargs="+", action="extend", metavar="NAME", help=", ".join(CONFIGS))
+    p.add_argument(
+        "--config",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help=", ".join(CONFIGS) + "; on request also cfuse (needs --cfuse)",
+    )
+    p.add_argument(
+        "--cfuse",
+        metavar="BINARY",
+        help="a C FUSE passthrough in libfuse's passthrough_ll style (run as BINARY -f -o "
+        "source=BACKING,xattr,default_permissions MNT) for the reference config cfuse",
+    )
     p.add_argument("--seconds", type=float, help="run time per cell (default 20; 6 quick)")
     p.add_argument(
         "--no-netns",

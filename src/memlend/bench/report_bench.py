@@ -14,6 +14,7 @@ ORDER = (
     "local",
     "kernel",
     "kernel-wb",
+    "cfuse",
     "lender",
     "kernel-lender",
     "lenders",
@@ -134,7 +135,7 @@ def markdown(result: dict) -> str:
     out.append("")
     for disk in disks:
         out += [f"## Disk profile: {disk}", ""]
-        local = tuple(c for c in ("pagecache", "local", "kernel") if c in configs)
+        local = tuple(c for c in ("pagecache", "local", "kernel", "cfuse") if c in configs)
         out += _comparison(
             rows, workloads, disk, "local", local, tuple((c, "pagecache") for c in local[1:])
         )

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from memlend.bench import workloads as wl
 from memlend.bench.matrix import (
     CONFIGS,
     DISKS,
+    EXTRA_CONFIGS,
     QUICK_CONFIGS,
     REMOTE_CONFIGS,
     add_bench_arguments,
@@ -59,6 +61,7 @@ class Plan:
     keep_logs: bool = False
     sqlite_rows: int = 0
     shim: Path | None = None  # readcheck.so, built when postmark is in the plan
+    cfuse: str | None = None  # the C FUSE passthrough binary of config cfuse
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -85,18 +88,26 @@ def _plan(args: argparse.Namespace) -> Plan:
             raise UserError(f"unknown workload {w!r} (choose from {', '.join(wl.WORKLOADS)})")
     confs = args.config or list(QUICK_CONFIGS if args.quick else CONFIGS)
     for c in confs:
-        if c not in CONFIGS:
-            raise UserError(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
+        if c not in CONFIGS + EXTRA_CONFIGS:
+            raise UserError(f"unknown config {c!r} (choose from {', '.join(CONFIGS)}, cfuse)")
+    cfuse = None
+    if "cfuse" in confs:
+        if not args.cfuse:
+            raise UserError("config cfuse needs --cfuse BINARY (a C FUSE passthrough)")
+        cfuse = shutil.which(args.cfuse) or args.cfuse
+        if not os.access(cfuse, os.X_OK):
+            raise UserError(f"--cfuse {args.cfuse}: not an executable")
+        cfuse = os.path.abspath(cfuse)
     secs = args.seconds or (6.0 if args.quick else 20.0)
     return Plan(
         Path(args.out), disks, mem, ds, works, confs, secs, args.quick, not args.no_netns,
-        keep_logs=args.keep_logs,
+        keep_logs=args.keep_logs, cfuse=cfuse,
     )  # fmt: skip
 
 
 def local_tier(config: str) -> str | None:
     """The mount's --local-tier in a configuration; None where nothing is mounted."""
-    if config in ("pagecache", "ideal"):
+    if config in ("pagecache", "ideal", "cfuse"):
         return None
     return "kernel" if config.startswith("kernel") else "memlend"
 
@@ -126,6 +137,7 @@ class ConfigRun:
         self.client: tb.BaseGroup | None = None
         self.where = "loopback"
         self.lend_mem = 0
+        self.cfuse: subprocess.Popen | None = None
 
     def __enter__(self) -> ConfigRun:
         bed, plan, c = self.bed, self.plan, self.config
@@ -134,6 +146,8 @@ class ConfigRun:
         extra: list[str] = []
         if c in REMOTE_CONFIGS:
             extra = self._start_lenders()
+        if c == "cfuse":
+            self._mount_cfuse()
         tier = local_tier(c)
         if tier is not None:
             extra += ["--local-tier", tier]
@@ -142,7 +156,24 @@ class ConfigRun:
             self.mnt, self.daemon = bed.mount(self.client, cache_size(plan.client_memory), extra)
         return self
 
-    def _start_lenders(self) -> list[str]:
+    def _mount_cfuse(self) -> None:
+        """The reference: a C FUSE passthrough of the same backing directory, its daemon
+        in the client group as memlend's would be (attributes and names cached 1 s, as
+        memlend's defaults; xattrs and permission checks on, as memlend has them)."""
+        bed, plan = self.bed, self.plan
+        assert plan.cfuse is not None and self.client is not None
+        mnt = str(bed.work / "mnt")
+        opts = f"source={bed.work / 'backing'},xattr,default_permissions,timeout=1"
+        p = bed.spawn([plan.cfuse, "-f", "-o", opts, mnt], self.client,
+                      log=bed.work / "cfuse.log", netns=bed.client_ns)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not ft.is_mounted(mnt):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{plan.cfuse} did not mount (see {bed.work / 'cfuse.log'})")
+            time.sleep(0.05)
+        bed.mounts.append(mnt)
+        self.mnt, self.daemon, self.cfuse = mnt, p.pid, p
+
         bed, plan, c = self.bed, self.plan, self.config
         n = 2 if c == "lenders" else 1
         total = plan.dataset * (2 if plan.sqlite_rows else 1)
@@ -187,7 +218,7 @@ class ConfigRun:
         return os.path.join(self.mnt or str(self.bed.work / "backing"), wl.DATA)
 
     def stats(self) -> dict:
-        return self.bed.stats(self.mnt) if self.mnt else {}
+        return self.bed.stats(self.mnt) if self.mnt and not self.cfuse else {}
 
     def warm(self) -> dict:
         """Unthrottled passes, each reading every 16 KiB block once in random order;
@@ -312,7 +343,7 @@ class ConfigRun:
         row: dict = dict(res)
         row["disk_ios"] = b1[0] - b0[0]
         row["disk_bytes"] = b1[1] - b0[1]
-        if self.mnt:
+        if self.mnt and not self.cfuse:
             d = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1.get(k), int | float)}
             lh, lm = d.get("local_hits", 0), d.get("local_misses", 0)
             rh = d.get("remote_hits", 0)
@@ -416,6 +447,8 @@ class ConfigRun:
     def __exit__(self, *exc: object) -> None:
         if self.mnt:
             self.bed.umount(self.mnt)
+        if self.cfuse is not None:
+            self.bed.stop(self.cfuse)
         for p in self.procs:
             self.bed.stop(p)
         for g in [self.client, *self.lender_groups]:
