@@ -39,11 +39,20 @@ def _args(*argv: str) -> argparse.Namespace:
         ["--config", "nope"],
         ["--client-memory", "12K"],
         ["--client-memory", "lots"],
+        ["--config", "cfuse"],  # the reference config needs its binary
+        ["--config", "cfuse", "--cfuse", "/nonexistent/passthrough_ll"],
     ],
 )
 def test_bad_input_is_a_user_error(argv: list[str]) -> None:
     with pytest.raises(UserError):
         run._plan(_args(*argv))
+
+
+def test_cfuse_is_only_on_request() -> None:
+    assert "cfuse" not in run._plan(_args()).configs
+    plan = run._plan(_args("--config", "pagecache", "cfuse", "--cfuse", "true"))
+    assert plan.configs == ["pagecache", "cfuse"]
+    assert plan.cfuse is not None and os.path.isabs(plan.cfuse)
 
 
 def test_quick_plan_and_cache_size() -> None:
