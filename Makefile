@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc python3-dev libfuse3-dev pkg-config util-linux iproute2
+DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc python3-dev libfuse3-dev pkg-config util-linux iproute2 iptables
 
 .PHONY: install demo test test-python lint clean check-wheel
 

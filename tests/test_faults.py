@@ -6,6 +6,10 @@ that lies", test_remote_protocol.py), the mount daemon killed and recovered
 (test_mount_crash.py), errors inside the session's read path
 (test_session_faults.py).
 
+A network cut is made two ways, the link down in a network namespace and an iptables
+DROP rule (skipped where iptables is not installed); a slow lender two ways too, a
+delaying proxy and tc netem (skipped on a kernel without sch_netem, as the test host's).
+
 Every test checks: every byte read equals the backing store's; no single read waits
 longer than the remote deadline plus a disk read (SLACK covers the disk read and
 the scheduling noise of a loaded 2-CPU machine); errors are those of a local file
@@ -294,16 +298,33 @@ def delay_proxy() -> Iterator[Callable[[int, float], DelayProxy]]:
         proxy.close()
 
 
-@pytest.mark.parametrize(("kind", "local_tier"), KINDS_BY_TIER)
+@pytest.mark.parametrize(
+    ("delay_by", "kind", "local_tier"),
+    [("proxy", *k) for k in KINDS_BY_TIER] + [("netem", "memlend", "kernel")],
+)
 def test_a_slow_lender_costs_at_most_its_delay(
-    kind, request, mount_factory, lender_factory, delay_proxy, secret_file, seal_key_file
+    delay_by, kind, request, mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
-    if kind == "memcached":
-        port, secret = request.getfixturevalue("memcached_port"), None
+    """proxy: a TCP proxy on loopback holds every reply 5 ms. netem: the lender in a
+    network namespace, `tc qdisc add dev <its veth> root netem delay 5ms` (its replies
+    leave 5 ms late); skipped on a kernel without sch_netem."""
+    secret = secret_file if kind == "memlend" else None
+    if delay_by == "netem":
+        lender = request.getfixturevalue("netns_lender")(kind)
+        netem = ["tc", "qdisc", "add", "dev", lender.peer, "root", "netem", "delay", "5ms"]
+        r = subprocess.run(["ip", "netns", "exec", lender.ns, *netem],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"no tc netem here ({r.stderr.strip()}): the kernel lacks sch_netem "
+                        "(CONFIG_NET_SCH_NETEM); the proxy variants stand in")  # fmt: skip
+        url = lender.url
     else:
-        port, secret = lender_factory().port, secret_file
-    proxy = delay_proxy(port, 0.005)
-    url = f"{kind}://127.0.0.1:{proxy.port}"
+        if kind == "memcached":
+            port = request.getfixturevalue("memcached_port")
+        else:
+            port = lender_factory().port
+        proxy = request.getfixturevalue("delay_proxy")(port, 0.005)
+        url = f"{kind}://127.0.0.1:{proxy.port}"
     m = mount_factory(*remote_opts(url, seal=seal_key_file, secret=secret, cache="1M"))
     data = make_files(m.backing, 4 * MiB, 2, seed=22)
     timed_pass(m, data, seed=1)
@@ -312,7 +333,7 @@ def test_a_slow_lender_costs_at_most_its_delay(
     p = timed_pass(m, data, seed=2)
     s1 = stats(m)
     ld = s1["lenders"][0]
-    print(f"slow {kind} (+5 ms): {p}; state {ld['state']} ({ld.get('reason', '')}), "
+    print(f"slow {kind} (+5 ms, {delay_by}): {p}; state {ld['state']} ({ld.get('reason', '')}), "
           f"remote hits {remote_hits(s1) - remote_hits(s0)}, "
           f"disk bytes {s1['disk_read_bytes'] - s0['disk_read_bytes']}")  # fmt: skip
     check_waits(p, "a slow lender")
@@ -412,8 +433,8 @@ def test_a_network_cut_costs_time_not_reads(
     side, kind, mount_factory, netns_lender, secret_file, seal_key_file
 ) -> None:
     """host: our side of the link goes down (its route goes, connects fail at once);
-    lender: the lender's side goes down, packets vanish silently (as with a DROP rule:
-    this host has no iptables)."""
+    lender: the lender's side goes down, packets vanish silently (an iptables DROP is
+    the next test)."""
     lender = netns_lender(kind)
     secret = secret_file if kind == "memlend" else None
     m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret, cache="1M"))
@@ -436,6 +457,91 @@ def test_a_network_cut_costs_time_not_reads(
     assert s1["lenders"][0]["state"] != "active", s1["lenders"]
     assert remote_hits(s1) > remote_hits(s0)  # the first third came from the lender
     # The lender kept its blocks through the cut: a later pass reads them again.
+    s2 = stats(m)
+    timed_pass(m, data, seed=3)
+    assert remote_hits(stats(m)) > remote_hits(s2)
+
+
+# ---- a network cut: an iptables DROP rule in the lender's namespace --------------------
+
+
+@pytest.fixture
+def iptables_drop() -> Iterator[Callable[[NetnsLender, str], Callable[[], None]]]:
+    """iptables_drop(lender, chain) adds, in the lender's network namespace, a rule
+    dropping every TCP packet to the lender's port (INPUT: requests vanish) or from it
+    (OUTPUT: the lender does the work, its answers vanish), and returns the function
+    that removes it. Rules still there at teardown are removed (requested after
+    netns_lender, so this runs first; deleting the namespace would remove them too)."""
+    exe = shutil.which("iptables")
+    if exe is None:
+        pytest.skip("iptables is not installed (apt-get install iptables; `make install`)")
+    added: list[list[str]] = []
+
+    def rule(ld: NetnsLender, chain: str) -> list[str]:
+        port = ld.url.rsplit(":", 1)[1]
+        match = "--dport" if chain == "INPUT" else "--sport"
+        return ["ip", "netns", "exec", ld.ns, exe, "-w", "-{}", chain, "-p", "tcp", match, port,
+                "-j", "DROP"]  # fmt: skip
+
+    def remove(cmd: list[str]) -> None:
+        if cmd in added:
+            added.remove(cmd)
+            argv = [("-D" if a == "-{}" else a) for a in cmd]
+            subprocess.run(argv, check=True, capture_output=True)
+
+    def add(ld: NetnsLender, chain: str) -> Callable[[], None]:
+        cmd = rule(ld, chain)
+        r = subprocess.run([("-A" if a == "-{}" else a) for a in cmd], capture_output=True,
+                           text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"iptables cannot add a rule here: {r.stderr.strip()}")
+        added.append(cmd)
+        return lambda: remove(cmd)
+
+    try:
+        yield add
+    finally:
+        for cmd in list(added):
+            try:
+                remove(cmd)
+            except subprocess.CalledProcessError:
+                pass
+
+
+@pytest.mark.parametrize(
+    ("chain", "kind", "local_tier"),
+    [("INPUT", "memlend", "kernel"), ("OUTPUT", "memlend", "memlend"),
+     ("INPUT", "memcached", "memlend")],
+)  # fmt: skip
+def test_an_iptables_drop_costs_time_not_reads(
+    chain, kind, mount_factory, netns_lender, iptables_drop, secret_file, seal_key_file
+) -> None:
+    """A DROP rule for the lender's port added a third of the way through a pass, in the
+    lender's namespace; removed after the pass. Established connections stay up (no
+    reset, no link event): only the deadlines and the prober can tell."""
+    lender = netns_lender(kind)
+    secret = secret_file if kind == "memlend" else None
+    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret, cache="1M"))
+    data = make_files(m.backing, 4 * MiB, 2, seed=25)
+    warm(m, data)
+    s0 = stats(m)
+    undo: list[Callable[[], None]] = []
+    p = timed_pass(m, data, seed=2, at={0.33: lambda: undo.append(iptables_drop(lender, chain))})
+    s1 = stats(m)
+    # The rule stays until the pass is over: then the lender is not active any more.
+    assert s1["lenders"][0]["state"] != "active", s1["lenders"]
+    undo[0]()
+    removed = time.monotonic()
+    wait_for(lambda: lender_states(m) == ["active"], 30, "the lender active after the DROP")
+    recovery = time.monotonic() - removed
+    print(f"{kind}, iptables {chain} DROP mid-pass: {p}; lender {s1['lenders'][0]['state']} "
+          f"({s1['lenders'][0]['last_error']}), timeouts "
+          f"{s1['remote_timeouts'] - s0['remote_timeouts']}; "
+          f"active {recovery:.2f} s after the rule went")  # fmt: skip
+    check_waits(p, "an iptables DROP")
+    assert s1["remote_timeouts"] > s0["remote_timeouts"], (s0, s1)
+    assert remote_hits(s1) > remote_hits(s0)  # the first third came from the lender
+    # The lender kept its blocks: a later pass reads them from it again.
     s2 = stats(m)
     timed_pass(m, data, seed=3)
     assert remote_hits(stats(m)) > remote_hits(s2)

@@ -246,6 +246,9 @@ def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lend
         assert time.perf_counter() - t < 0.05  # put never waits for the network
         s = tier.snapshot()
         assert s["remote_dropped_puts"] == 6 and s["remote_queued_blocks"] == 4
+        # The high-water mark and the puts refused for want of room say it was full.
+        assert s["remote_queue_peak_blocks"] == 4 and s["remote_queue_peak_bytes"] == 4 * 4096
+        assert s["remote_queue_full_drops"] == 6
         got = tier.get_many([b"%032d" % i for i in range(10)])
         assert sorted(got) == [b"%032d" % i for i in range(4)]
         assert tier.snapshot()["remote_queue_hits"] == 4
@@ -263,6 +266,7 @@ def test_queue_overflow_drops_and_counts_and_queued_blocks_are_served(lying_lend
             tier.put(b"%032d" % i, b"x" * 4096)
         s = tier.snapshot()
         assert s["remote_dropped_puts"] == 1 and s["remote_queued_bytes"] == 8192
+        assert s["remote_queue_peak_bytes"] == 8192 and s["remote_queue_full_drops"] == 1
 
 
 def test_a_reader_waits_for_room_in_the_put_queue_instead_of_dropping(lying_lender) -> None:
@@ -293,7 +297,8 @@ def test_put_copies_memoryviews_and_bad_keys_are_misses(lying_lender) -> None:
         assert tier.flush()
         assert tier.get_many([b"k" * 32, b"", b"z" * 65]) == {b"k" * 32: b"a" * 4096}
         tier.put(b"z" * 65, b"x")  # longer than the protocol allows: dropped
-        assert tier.snapshot()["remote_dropped_puts"] == 1
+        s = tier.snapshot()
+        assert s["remote_dropped_puts"] == 1 and s["remote_queue_full_drops"] == 0
 
 
 def test_bad_configuration_is_refused() -> None:

@@ -348,6 +348,11 @@ class RemoteTier:
         self._pending_bytes = 0
         self._inflight_bytes = 0
         self._deletes: deque[bytes] = deque()
+        # The most the queue has held (blocks, bytes), and puts refused because it was
+        # full (remote_dropped_puts also counts those a down lender cost): the proof,
+        # in `memlend stats --json`, that the queue reached its bound.
+        self._queue_peak = [0, 0]
+        self._queue_full_drops = 0
         self._known: OrderedDict[bytes, None] = OrderedDict()  # inclusive: on a lender
         self._wake = threading.Event()
         self._busy = False
@@ -687,19 +692,25 @@ class RemoteTier:
                 self.counters.add("remote_put_skipped")
                 return
             pending = self._pending
-            if (
-                self._stop.is_set()
-                or len(pending) + len(self._inflight) >= self.queue_blocks
-                or self._pending_bytes + self._inflight_bytes + len(data) > self.queue_bytes
-                or not 0 < len(key) <= p.MAX_KEY_LEN
-            ):
+            blocks = len(pending) + len(self._inflight)
+            nbytes = self._pending_bytes + self._inflight_bytes
+            full = blocks >= self.queue_blocks or nbytes + len(data) > self.queue_bytes
+            if full or self._stop.is_set() or not 0 < len(key) <= p.MAX_KEY_LEN:
                 self.counters.add("remote_dropped_puts")
+                self._queue_full_drops += full
                 return
             if key in pending:
                 self._pending_bytes -= len(pending[key])
+                nbytes -= len(pending[key])
+                blocks -= 1
             pending[key] = data if type(data) is bytes else bytes(data)
             self._pending_bytes += len(data)
             first = len(pending) == 1
+            peak = self._queue_peak
+            if blocks + 1 > peak[0]:
+                peak[0] = blocks + 1
+            if nbytes + len(data) > peak[1]:
+                peak[1] = nbytes + len(data)
         if first:
             self._wake.set()
         if hash(key) * MIX & MASK < self.curve.cut:
@@ -975,6 +986,8 @@ class RemoteTier:
             out["remote_queued_blocks"] = len(self._pending) + len(self._inflight)
             out["remote_queued_bytes"] = self._pending_bytes + self._inflight_bytes
             out["remote_known_blocks"] = len(self._known)
+            out["remote_queue_peak_blocks"], out["remote_queue_peak_bytes"] = self._queue_peak
+            out["remote_queue_full_drops"] = self._queue_full_drops
         out["remote_queue_capacity_bytes"] = min(self.queue_bytes, 1 << 62)
         out["remote_queue_capacity_blocks"] = self.queue_blocks
         out["remote_latency_us"] = {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
