@@ -174,6 +174,8 @@ class ConfigRun:
         bed.mounts.append(mnt)
         self.mnt, self.daemon, self.cfuse = mnt, p.pid, p
 
+    def _start_lenders(self) -> list[str]:
+
         bed, plan, c = self.bed, self.plan, self.config
         n = 2 if c == "lenders" else 1
         total = plan.dataset * (2 if plan.sqlite_rows else 1)
