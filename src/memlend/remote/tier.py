@@ -701,16 +701,12 @@ class RemoteTier:
                 return
             if key in pending:
                 self._pending_bytes -= len(pending[key])
-                nbytes -= len(pending[key])
-                blocks -= 1
             pending[key] = data if type(data) is bytes else bytes(data)
             self._pending_bytes += len(data)
             first = len(pending) == 1
             peak = self._queue_peak
-            if blocks + 1 > peak[0]:
-                peak[0] = blocks + 1
-            if nbytes + len(data) > peak[1]:
-                peak[1] = nbytes + len(data)
+            peak[0] = max(peak[0], len(pending) + len(self._inflight))
+            peak[1] = max(peak[1], self._pending_bytes + self._inflight_bytes)
         if first:
             self._wake.set()
         if hash(key) * MIX & MASK < self.curve.cut:
