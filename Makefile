@@ -4,13 +4,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc python3-dev libfuse3-dev pkg-config util-linux iproute2 iptables
+DEB_PACKAGES := fuse3 fio memcached postmark sqlite3 gcc python3-dev libfuse3-dev libssl-dev pkg-config util-linux iproute2 iptables
 
 .PHONY: install demo test test-python lint clean check-wheel
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml src/memlend/_native.c
+$(VENV)/.installed: pyproject.toml src/memlend/_native.c src/memlend/_native_read.c
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MEMLEND, Lender, Mount, force_unmount, free_port, is_mounted, memlend
+from memlend import native
 from memlend.remote.client import LenderClient
 from memlend.remote.secret import auth_key, load_secret
 
@@ -156,7 +157,7 @@ def read_pass(
     ],
 )
 def test_second_pass_is_served_by_the_lenders(
-    kind, request, mount_factory, lender_factory, secret_file, seal_key_file
+    kind, local_tier, request, mount_factory, lender_factory, secret_file, seal_key_file
 ) -> None:
     total = 16 * MiB  # four times the local cache
     if kind == "memcached":
@@ -223,6 +224,14 @@ def test_second_pass_is_served_by_the_lenders(
         assert ld["state"] != "down", cli["lenders"]  # suspended at worst, by load
         assert ld["blocks_held"] > 0, cli["lenders"]
         assert ld["hits"] > 0, cli["lenders"]  # both lenders served reads
+    # The kernel tier's one-block hits from one memlend lender in inclusive mode are
+    # the C read path's (fs/fast_read.py); everything else is Python's.
+    c_path = native.lib is not None and local_tier == "kernel" and kind == "memlend"
+    assert cli["read_path"].startswith("native") == c_path, cli["read_path"]
+    if c_path:
+        assert p2["native_read_hits"] >= 0.5 * p2["remote_hits"], report
+    else:
+        assert p2["native_read_hits"] == 0, report
 
 
 # ---- 1b: sequential streams bypass the lenders, and read the disk once -------------

@@ -5,7 +5,8 @@
    index, one sendmsg from the arena), and the client's one-block round trip (send,
    wait without the GIL, check the reply). Everything else stays in Python
    (memlend.remote.protocol is the definition; this file follows it byte for byte,
-   and tests/test_native.py fuzzes the two against each other).
+   and tests/test_native.py fuzzes the two against each other), and the mount's READ
+   of one lent block (_native_read.c).
 
    Nothing here may crash the daemon on bad input: every length is checked
    against the buffer before it is read, and anything unexpected is either a
@@ -836,6 +837,9 @@ done:
     return out;
 }
 
+/* The mount's READ of one lent block (its own file; one translation unit). */
+#include "_native_read.c"
+
 static PyObject *init(PyObject *self, PyObject *arg) {
     Py_XSETREF(ProtocolError, Py_NewRef(arg));
     Py_RETURN_NONE;
@@ -855,6 +859,15 @@ static PyMethodDef methods[] = {
      "The client's one-block round trip"},
     {"recv_values", (PyCFunction)(void (*)(void))recv_values, METH_FASTCALL,
      "The client's multi-block wait"},
+    {"read_setup", (PyCFunction)(void (*)(void))read_setup, METH_FASTCALL,
+     "The mount's block size and epoch, for read_next"},
+    {"read_keys", (PyCFunction)(void (*)(void))read_keys, METH_FASTCALL,
+     "The sealing keys read_next opens blocks with"},
+    {"read_lender", read_lender, METH_O, "The lender's active health generation (-1: none)"},
+    {"read_slot", (PyCFunction)(void (*)(void))read_slot, METH_FASTCALL,
+     "A file's state for read_next"},
+    {"read_next", (PyCFunction)(void (*)(void))read_next, METH_FASTCALL,
+     "The next FUSE request, a READ of one lent block served in C"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -874,6 +887,12 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "NOT_FAST", NOT_FAST) < 0 ||
         PyModule_AddIntConstant(m, "TIMED_OUT", TIMED_OUT) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "READ_PYTHON", READ_PYTHON) < 0 ||
+        PyModule_AddIntConstant(m, "READ_HIT", READ_HIT) < 0 ||
+        PyModule_AddIntConstant(m, "READ_MISS", READ_MISS) < 0 ||
+        PyModule_AddIntConstant(m, "READ_FAULT", READ_FAULT) < 0 ||
+        PyModule_AddIntConstant(m, "READ_BAD_SEAL", READ_BAD_SEAL) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_BITS", SLOT_BITS) < 0 ||
         PyModule_AddObject(m, "CLIENT_LATE", PyFloat_FromDouble(CLIENT_LATE)) < 0) {
         Py_DECREF(m);
         return NULL;

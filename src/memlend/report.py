@@ -79,6 +79,8 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
     if "lenders" in stats:
         lat = stats.get("remote_latency_us", {})
         t.add_row("remote hot path", str(stats.get("hot_path", "?")))
+        if stats.get("read_path"):
+            t.add_row("lent-block reads", str(stats["read_path"]))
         t.add_row("remote latency p50 / p99", f"{lat.get('p50', 0)} / {lat.get('p99', 0)} us")
         t.add_row("blocks lent / dropped", f"{stats.get('remote_put_blocks', 0)} / "
                   f"{stats.get('remote_dropped_puts', 0)}")  # fmt: skip

@@ -32,6 +32,7 @@ REMOTE_COUNTERS = (
     "remote_errors",
     "remote_timeouts",
     "remote_client_delays",
+    "native_read_hits",
     "seal_failures",
     "remote_deletes",
     "remote_dropped_deletes",
@@ -60,6 +61,7 @@ class MountStats:
     started: float = 0.0
     metrics: str = ""  # ADDR:PORT the Prometheus endpoint listens on, if any
     hot_path: str = ""  # the remote tier's: "native" or why it is Python (memlend.native)
+    read_path: str = ""  # the kernel tier's READ of a lent block: C or why not (fs/fast_read.py)
     counters: Counters = field(default_factory=Counters, repr=False, compare=False)
 
     def __post_init__(self) -> None:

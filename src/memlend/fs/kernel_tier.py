@@ -39,7 +39,10 @@ class KernelReadPath(ReadPath):
         size: int,
         buffered: bool = False,
         stream: Stream | None = None,
+        asked: bool = False,
     ) -> list[memoryview]:
+        """`asked`: the C read path asked the lender for this one block already and got
+        no valid copy (fs/fast_read.py): only the put queue may still have it."""
         # No clamp to the size last seen: the kernel asks only below its own idea of
         # the end of file, and a short reply would shrink it (fuse_short_read).
         if size > self.max_request:
@@ -57,9 +60,8 @@ class KernelReadPath(ReadPath):
         # Lenders can hold a block only if some were lent at this version of the file.
         if remote is not None and state.lent_version == version:
             if count == 1:
-                lens[0] = remote.get_one(
-                    remote_key(self.epoch, state.file_id, version, first), out[:bs]
-                )
+                key = remote_key(self.epoch, state.file_id, version, first)
+                lens[0] = remote.queued(key, out[:bs]) if asked else remote.get_one(key, out[:bs])
             elif self.gate.ask():
                 self._ask_remote_timed(state.file_id, version, first, lens, out)
         if -1 in lens:
@@ -71,7 +73,10 @@ class KernelReadPath(ReadPath):
                     remote.disk_read_took(took)
                 self.gate.disk_took(took, len(read))
                 remote.wait_for_room(len(read), len(read) * bs)
-                state.lent_version = version
+                if state.lent_version != version:
+                    state.lent_version = version
+                    if self.fast is not None:  # the C read path may ask for it now
+                        self.fast.sync(state)
                 for k, n in read:
                     if n:
                         key = remote_key(self.epoch, state.file_id, version, first + k)

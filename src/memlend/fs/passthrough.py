@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from memlend import native
 from memlend.fs.cache import BLOCK_MASK, FILE_SHIFT, BlockCache, NoCache
+from memlend.fs.fast_read import FastReads, FastWorker, why_not
 from memlend.fs.inodes import Inode, PathFds, default_capacity
 from memlend.fs.kernel_tier import KernelReadPath
 from memlend.fs.page_dropper import PageDropper
@@ -115,6 +117,8 @@ class FileState:
     lent_version: int = -1  # the kernel tier: last version some blocks were lent under
     key: tuple[int, int] = (0, 0)  # (st_dev, st_ino): its entry in Passthrough._files
     passed: bool = False  # written by the kernel through passthrough: its pages are the backing's
+    slot: int = 0  # the C read path's slot of this file while handles are open (fs/fast_read.py)
+    slot_handles: int = 0
 
 
 @dataclass(slots=True)
@@ -128,6 +132,7 @@ class Handle:
     stream: Stream = field(default_factory=Stream)  # sequential read-ahead state
     backing: int = 0  # passthrough: the kernel's id of `fd`; reads and writes skip us
     writes: bool = False  # opened for writing
+    slot: int = 0  # its file's slot in the C read path (0: none)
 
 
 @dataclass(slots=True)
@@ -178,6 +183,10 @@ class Passthrough(Operations):
         self._handles: dict[int, Handle | DirHandle] = {}
         self._ids = itertools.count(wire.ROOT_ID + 1)
         self._fhs = itertools.count(1)
+        # The C read path (fs/fast_read.py, set by the daemon before mounting): file
+        # handles then carry their file's slot in their low bits.
+        self.fast: FastReads | None = None
+        self._slot_bits = 0
         self._file_ids = itertools.count(1)
         self._lock = threading.Lock()  # inode table, file states, handles
         self._euid = os.geteuid()
@@ -206,6 +215,13 @@ class Passthrough(Operations):
         """Lend evicted blocks to `tier` and ask it before the disk."""
         self.remote = tier
         self.reader.remote = self.reader.readahead.remote = tier
+        lib = native.lib
+        why = why_not(lib, tier, self.kernel_tier)
+        if lib is not None and not why:
+            fast = FastReads(lib, tier, self.shift, self.reader.epoch, self.stats)
+            self.fast = self.reader.fast = fast
+            self._slot_bits = lib.SLOT_BITS
+        self.stats.read_path = f"python: {why}" if why else "native (one-block lender hits in C)"
         if not self.kernel_tier:  # the kernel tier lends what it reads from disk instead
             self.cache.on_evict = self._evicted
 
@@ -353,6 +369,8 @@ class Passthrough(Operations):
             end = max(end, old_size, st.st_size)
         with self.cache.lock:
             state.version += 1
+            if self.fast is not None:  # not lent at this version: C stops asking for it
+                self.fast.sync(state)
             state.size, state.mtime_ns, state.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
             if end <= start:
                 return
@@ -601,8 +619,10 @@ class Passthrough(Operations):
         accmode = flags & os.O_ACCMODE
         h = Handle(fd, inode, state, bool(flags & os.O_APPEND), accmode != os.O_WRONLY)
         h.writes = accmode != os.O_RDONLY
+        if self.fast is not None:
+            h.slot = self.fast.attach(state)
         with self._lock:
-            fh = next(self._fhs)
+            fh = next(self._fhs) << self._slot_bits | h.slot
             self._handles[fh] = h
         # A read-only handle has nothing to flush (no written data, no deferred write
         # error, locks are the kernel's): its close(2) costs no round trip.
@@ -711,16 +731,23 @@ class Passthrough(Operations):
             raise OSError(errno.EBADF, "bad file handle")
         return h
 
-    def read(self, nodeid: int, fh: int, offset: int, size: int) -> list[memoryview]:
+    def read(
+        self, nodeid: int, fh: int, offset: int, size: int, asked: bool = False
+    ) -> list[memoryview]:
         h = self._handles.get(fh)
         if type(h) is not Handle:  # _handle(), inline: the hot path
             raise OSError(errno.EBADF, "bad file handle")
         if h.direct_fd < 0:
             h.direct_fd = self.reader.open_for_reading(h.inode.fd, h.fd)
-        return self.reader.read(h.direct_fd, h.state, offset, size, h.direct_fd == h.fd, h.stream)
+        return self.reader.read(
+            h.direct_fd, h.state, offset, size, h.direct_fd == h.fd, h.stream, asked
+        )
 
     def read_done(self) -> None:
         self.reader.read_done()
+
+    def read_worker(self) -> FastWorker | None:
+        return self.fast.worker() if self.fast is not None else None
 
     def kill_suidgid(self, ctx: Context, nodeid: int, fh: int | None) -> None:
         h = self._handles.get(fh) if fh is not None else None
@@ -756,6 +783,8 @@ class Passthrough(Operations):
         if not isinstance(h, Handle):
             return
         self.reader.readahead.close(h.stream)  # before its descriptor goes
+        if h.slot:
+            self.fast.detach(h.state)  # type: ignore[union-attr]
         if h.direct_fd >= 0 and h.direct_fd != h.fd:
             os.close(h.direct_fd)
         if h.state.key in self._io:
@@ -786,7 +815,7 @@ class Passthrough(Operations):
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> int:
         fd = os.open(_proc(self._inode(nodeid).fd), os.O_RDONLY | os.O_DIRECTORY)
         with self._lock:
-            fh = next(self._fhs)
+            fh = next(self._fhs) << self._slot_bits
             self._handles[fh] = DirHandle(fd)
         return fh
 

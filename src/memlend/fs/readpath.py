@@ -30,6 +30,7 @@ from memlend.fuse.api import BIG_READ
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
+    from memlend.fs.fast_read import FastReads
     from memlend.fs.passthrough import FileState
     from memlend.remote.tier import RemoteTier
 
@@ -67,6 +68,7 @@ class ReadPath:
         self.readahead = ReadAhead(cache, stats, self.max_request, self._fill_window)
         self.gate = StreamGate()  # do streams ask the lenders? (measured)
         self.remote: RemoteTier | None = None  # set by the daemon when lenders are given
+        self.fast: FastReads | None = None  # the C read path (kernel tier), set by the daemon
         self.epoch = os.urandom(8)  # this mount's run: remote keys never outlive it
         self._local = threading.local()
         self._big_pool: list[mmap.mmap] = []  # list.pop/append: atomic, no lock
@@ -135,6 +137,7 @@ class ReadPath:
         size: int,
         buffered: bool = False,
         stream: Stream | None = None,
+        asked: bool = False,
     ) -> list[memoryview]:
         # Nothing is read, nor counted as a miss, past the end of file as last seen
         # (at open, getattr, or our own write): readers probe it on every file.

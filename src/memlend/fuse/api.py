@@ -10,10 +10,11 @@ operations and then handles itself (locks, access, copy_file_range...).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 # READ replies above this size may use buffers shared between workers: the session
 # calls Operations.read_done() after each such READ.
@@ -57,6 +58,17 @@ class DirEntry(NamedTuple):
 
 def _nosys() -> OSError:
     return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+class ReadWorker(Protocol):
+    """Reads the next request into a buffer, serving some READs on its own."""
+
+    asked: bool  # the request left is a READ whose lender said it has no valid copy
+
+    def next(self, fd: int, buf: mmap.mmap) -> int:
+        """0: a request was served; -1: unmounted; else the size of the request left
+        in `buf` for the session. OSError for a failed read."""
+        ...
 
 
 class Operations:
@@ -137,12 +149,21 @@ class Operations:
         kill_suidgid() does."""
         raise _nosys()
 
-    def read(self, nodeid: int, fh: int, offset: int, size: int) -> Sequence[bytes | memoryview]:
+    def read(
+        self, nodeid: int, fh: int, offset: int, size: int, asked: bool = False
+    ) -> Sequence[bytes | memoryview]:
+        """`asked`: a C read path (fast_reads) already asked the lender for this READ's
+        one block and got no valid copy."""
         raise _nosys()
 
     def read_done(self) -> None:
         """A READ of more than BIG_READ bytes by this thread is over (its reply written
         or failed): buffers it used may be reused. Called by the session."""
+
+    def read_worker(self) -> ReadWorker | None:
+        """A worker thread's reader of /dev/fuse that serves some READs itself (a C
+        read path), or None: the session reads requests with readv."""
+        return None
 
     def write(self, nodeid: int, fh: int, offset: int, data: memoryview) -> int:
         raise _nosys()

@@ -237,9 +237,11 @@ class Session:
         ops_read, ops_read_done = self.ops.read, self.ops.read_done
         pack_out = _OUT.pack
         fd = self.fd
+        # A C read path serves READs of lent blocks itself and hands the rest over.
+        fast = self.ops.read_worker()
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = os.readv(fd, [buf]) if fast is None else fast.next(fd, buf)
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # ENOENT: the request was interrupted before we got it
@@ -247,6 +249,11 @@ class Session:
                     log.error("reading /dev/fuse failed: %s", e)
                 self.closed.set()
                 return
+            if n <= 0:  # the C read path served it, or found the mount gone
+                if n < 0:
+                    self.closed.set()
+                    return
+                continue
             _, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack(buf, 0)
             if opcode == _READ:
                 # The hot path, inlined: no Context, no dispatch, one writev.
@@ -255,7 +262,10 @@ class Session:
                 # (ENOENT included: a backing file gone), while ENOENT/ENODEV from
                 # writing the reply mean the kernel no longer waits for it.
                 try:
-                    parts = ops_read(nodeid, fh, offset, size)
+                    if fast is not None and fast.asked:  # the lender said no already
+                        parts = ops_read(nodeid, fh, offset, size, True)
+                    else:
+                        parts = ops_read(nodeid, fh, offset, size)
                     iov = [pack_out(_OUT.size + sum(map(len, parts)), 0, unique), *parts]
                 except OSError as e:
                     self._reply_error(unique, e.errno or errno.EIO)

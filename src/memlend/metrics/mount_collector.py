@@ -41,6 +41,11 @@ _COUNTERS = (
         "Lender calls whose wait ended over 1 ms past its deadline: this client's thread "
         "was not running (its CPU is saturated)",
     ),
+    (
+        "memlend_native_read_hits",
+        "native_read_hits",
+        "Lender hits the C read path served without Python (kernel tier)",
+    ),
     ("memlend_remote_seal_failures", "seal_failures", "Blocks from lenders that failed AES-GCM"),
     ("memlend_remote_deletes", "remote_deletes", "Blocks deleted from lenders"),
     ("memlend_remote_dropped_deletes", "remote_dropped_deletes", "Deletes dropped: queue full"),

@@ -162,6 +162,16 @@ class LenderClient(SpinSocket):
             raise RemoteError("lender answered a different number of keys")
         return reply.values[0]
 
+    def call_outside(self) -> tuple[int, int, float]:
+        """For a one-block get that C sends and waits for itself (fs/fast_read.py):
+        the socket, a request id, and how long the wait may spin (seconds)."""
+        return self._require().fileno(), next(self._ids) & 0xFFFFFFFF, self._native_spin()
+
+    def answered_outside(self, caught: bool, spin: float) -> None:
+        """That get was answered; `caught`: while its wait was spinning."""
+        if spin:
+            self._spin_caught(caught)
+
     def _ask(self, key: bytes, deadline: float, budget: float, rid: int) -> tuple:
         """get_one's send and first receive in Python: (True, value) from the
         protocol's one-value fast path, or (False, bytes received), with the deadline

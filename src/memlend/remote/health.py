@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 ACTIVE = "active"
 SUSPENDED = "suspended"
@@ -56,6 +57,7 @@ class LenderHealth:
         self.since = time.monotonic()
         self._timeouts_in_row = 0
         self._lock = threading.Lock()
+        self.on_change: Callable[[], None] | None = None  # told when the state changes
 
     @property
     def active(self) -> bool:
@@ -67,6 +69,8 @@ class LenderHealth:
             if state == SUSPENDED:
                 self.suspensions += 1
         self.state = state
+        if self.on_change is not None:
+            self.on_change()
         self.last_error = why
         self.since = time.monotonic()
 
@@ -139,6 +143,8 @@ class LenderHealth:
             if self.state != ACTIVE:
                 self.state = ACTIVE
                 self.since = time.monotonic()
+                if self.on_change is not None:
+                    self.on_change()
             self.avg, self.samples, self._timeouts_in_row = avg, 1, 0
             self.probe_avg, self.probes = avg, 1
 

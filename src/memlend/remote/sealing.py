@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -67,6 +68,7 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise ValueError("a sealing key is 32 bytes")
+        self.key = key  # for the C read path, which opens blobs itself
         self._aead = AESGCM(key)
 
     @classmethod
@@ -123,6 +125,12 @@ class RunSealer:
         self._current = self._sealer(0)
         self._previous: Sealer | None = None
         self._count = itertools.count()  # next() is atomic under the GIL: no lock per seal
+        self.on_rekey: Callable[[], None] | None = None  # told after each new key
+
+    def keys(self) -> tuple[bytes, bytes | None]:
+        """The raw keys a blob may be opened with now: current and previous."""
+        previous = self._previous
+        return self._current.key, previous.key if previous is not None else None
 
     def _sealer(self, generation: int) -> Sealer:
         info = RUN_SEAL_LABEL + self._epoch + generation.to_bytes(8, "big")
@@ -143,6 +151,8 @@ class RunSealer:
             self.generation += 1
             self._previous, self._current = self._current, self._sealer(self.generation)
             self._count = itertools.count()
+            if self.on_rekey is not None:
+                self.on_rekey()
 
     def open(self, key_bytes: bytes, blob: bytes | memoryview) -> bytes:
         current, previous = self._current, self._previous

@@ -443,7 +443,14 @@ class RemoteTier:
                     except SealError:
                         bad = 1
                 ld.release(c, gen)  # back in the pool: another worker may take it now
-        hit = n >= 0
+        self._counted_one(ld, key, n >= 0, answered, bad, errors)
+        return n
+
+    def _counted_one(
+        self, ld: _Lender, key: bytes, hit: bool, answered: bool, bad: int, errors: int
+    ) -> None:
+        """The bookkeeping of a one-block get: counters, what the lender is known to
+        hold, the miss-ratio curve's sample."""
         add = self.counters.add
         if hit:
             add("remote_hits")
@@ -471,7 +478,32 @@ class RemoteTier:
                 self._known.pop(key, None)
         if hash(key) * MIX & MASK < self.curve.cut:
             self.curve.got([key], (key,) if hit else ())
-        return n
+
+    def fast_got(
+        self, ld: _Lender, key: bytes, hit: bool, bad_seal: bool, seconds: float,
+        error: RemoteError | None = None,
+    ) -> None:  # fmt: skip
+        """The bookkeeping of a one-block get the C read path asked (fs/fast_read.py),
+        as get_one's, after the kernel has its answer: a hit, a miss, a blob that did
+        not open, or a failed call (`error`; the connection is closed)."""
+        if error is not None:
+            errors = 0
+            try:
+                self._fault(ld, error, seconds)
+            except Exception:
+                errors = 1
+            self._counted_one(ld, key, False, False, 0, errors)
+            return
+        ld.health.ok(seconds)
+        self._observe(seconds)
+        self._counted_one(ld, key, hit, True, int(bad_seal), 0)
+
+    def queued(self, key: bytes, out: memoryview) -> int:
+        """A block still in the put queue (evicted a moment ago, not sent yet), opened
+        into `out`: its length, or -1. For a read whose lender already said no."""
+        if self._pending.get(key) is not None or self._inflight.get(key) is not None:
+            return self.get_many_into({key: out}).get(key, -1)
+        return -1
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of the blocks found and verified; the rest are misses."""
