@@ -272,3 +272,103 @@ def test_get_one_gives_the_lender_its_budget_from_the_send(lender) -> None:
     with contextlib.suppress(RemoteError):  # no budget: a hit only if the reply is quick
         c.get_one(b"k", time.monotonic() - 0.05)
     assert c.late  # either way it ended 50 ms past its deadline
+
+
+# ---- PUT frames bigger than one recv (LenderServer._read_put, native or not) ----------
+
+
+def authed(srv: LenderServer, cid: bytes = b"a") -> tuple[socket.socket, p.ClientConnection]:
+    """An authenticated connection driven by hand: its (blocking) socket and protocol."""
+    c = client(srv, cid)
+    sock = c._require()
+    sock.setblocking(True)
+    sock.settimeout(2.0)
+    return sock, c._conn
+
+
+def replies(sock: socket.socket, conn: p.ClientConnection, n: int) -> list[p.Event]:
+    events: list[p.Event] = []
+    while len(events) < n:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        events += conn.receive_data(data)
+    return events
+
+
+def blocks(n: int, tag: bytes = b"b") -> list[tuple[bytes, bytes]]:
+    return [(b"%s%d" % (tag, i), bytes([i]) * (SLOT + 29)) for i in range(n)]
+
+
+def test_put_frames_in_pieces_are_stored_and_what_follows_them_served(lender) -> None:
+    srv = lender()
+    sock, conn = authed(srv)
+    # A frame, a smaller one (the kept buffer serves), a bigger one (a new buffer).
+    for rid, n in ((5, 30), (6, 17), (7, 40)):
+        items = blocks(n, b"r%d-" % rid)
+        frame = conn.send_put(items, rid)
+        sock.sendall(frame[:1000])
+        time.sleep(0.05)  # the lender has the first piece before the rest comes
+        sock.sendall(frame[1000:] + conn.send_get([k for k, _ in items[-2:]], rid + 100))
+        assert replies(sock, conn, 2) == [
+            p.Ack(rid, n),
+            p.GetReply(rid + 100, [v for _, v in items[-2:]]),
+        ]
+        assert srv._spare is not None and len(srv._spare) >= len(frame)  # this path, kept
+    assert srv.protocol_errors == 0
+
+
+def test_put_frames_of_two_clients_arriving_at_once(lender) -> None:
+    srv = lender()
+    (sa, ca), (sb, cb) = authed(srv, b"A"), authed(srv, b"B")
+    a_items, b_items = blocks(20, b"a"), blocks(20, b"b")
+    fa, fb = ca.send_put(a_items, 1), cb.send_put(b_items, 1)
+    for i in range(0, len(fa), 8000):  # both half received at once: a buffer each
+        sa.sendall(fa[i : i + 8000])
+        sb.sendall(fb[i : i + 8000])
+        time.sleep(0.002)
+    assert replies(sa, ca, 1) == [p.Ack(1, 20)] and replies(sb, cb, 1) == [p.Ack(1, 20)]
+    with client(srv, b"A") as a, client(srv, b"B") as b:
+        assert a.multi_get([k for k, _ in a_items]) == [v for _, v in a_items]
+        assert b.multi_get([k for k, _ in b_items]) == [v for _, v in b_items]
+
+
+@pytest.mark.parametrize("bad", ["trailing bytes", "key length", "value length", "eof"])
+def test_a_bad_put_frame_in_pieces_gets_the_python_decoders_error(lender, bad: str) -> None:
+    srv = lender()
+    sock, conn = authed(srv)
+    items = blocks(20)
+    payload = bytearray(conn.send_put(items)[p.HEADER_SIZE :])
+    second = 2 + 1 + len(items[0][0]) + 4 + len(items[0][1])  # where item 2 starts
+    if bad == "trailing bytes":
+        payload += b"x"
+    elif bad == "key length":
+        payload[second] = 0
+    elif bad == "value length":
+        payload[second + 1 + len(items[1][0])] = 0xFF  # a value longer than the frame
+    frame = p.HEADER.pack(p.MAGIC, p.VERSION, p.MsgType.PUT, 0, 3, len(payload)) + payload
+    sock.sendall(frame[:1000])
+    time.sleep(0.05)
+    if bad == "eof":  # the client goes away mid-frame: closed, no protocol error
+        sock.sendall(frame[1000:50000])
+        sock.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(sock) and srv.protocol_errors == 0
+    else:
+        sock.sendall(frame[1000:])
+        with pytest.raises(p.ProtocolError) as want:
+            p.py_decode_put(memoryview(bytes(payload)))
+        assert replies(sock, conn, 1) == [p.ErrorReply(0, p.ErrorCode.PROTOCOL, str(want.value))]
+        assert closed_by_peer(sock) and srv.protocol_errors == 1
+    with client(srv) as good:
+        assert good.ping() == b"" and good.multi_get([items[0][0]]) == [None]
+
+
+def test_a_put_frame_that_stops_coming_is_closed_after_the_frame_timeout(lender) -> None:
+    srv = lender(config=ServerConfig(frame_timeout=0.3, watch_interval=0.05))
+    sock, conn = authed(srv)
+    sock.sendall(conn.send_put(blocks(20))[:30000])  # never finished
+    t = time.monotonic()
+    assert closed_by_peer(sock)
+    assert time.monotonic() - t < 2.5
+    with client(srv) as good:
+        assert good.ping() == b""

@@ -8,6 +8,7 @@ memlend.bench.fuzz_native` runs the same property for a million inputs.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from memlend import native
 from memlend.bench import fuzz_native
+from memlend.lender.server import py_recv_put
 from memlend.lender.store import Store
 from memlend.remote import protocol as p
 
@@ -136,6 +138,93 @@ def test_serve_gets_takes_only_what_parse_gets_takes(data: bytes) -> None:
         assert (r is None) == (parsed is None or parsed == [])
     finally:
         s.close()
+
+
+# ---- the lender's recv_put ---------------------------------------------------------
+
+
+def recv_put_outcome(fn, frame: bytes, first: int, cap: int, eof: bool) -> tuple:
+    """What `fn` (recv_put or py_recv_put) ends with while a PUT frame arrives: its
+    first `first` bytes already in the buffer (of `cap` bytes), the rest coming on
+    the socket (then an end of file if `eof`): the items (values as bytes; views of
+    the buffer are required), the error, or the end of file."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    sender = threading.Thread(target=send_then_close, args=(b, frame[first:] + b"tail", eof))
+    sender.start()
+    try:
+        buf = bytearray(cap)
+        buf[:first] = frame[:first]
+        size, got = len(frame) + (4 if eof else 0), first  # eof: the frame never completes
+        while True:
+            try:
+                new, items = fn(a, buf, got, size)
+            except (p.ProtocolError, ValueError) as e:
+                return type(e).__name__, str(e)
+            if items is not None:
+                assert all(type(v) is memoryview and v.obj is buf for _, v in items)
+                a.settimeout(2.0)
+                assert a.recv(8) == b"tail"  # what follows the frame is left unread
+                return new, [(k, bytes(v)) for k, v in items]
+            if new < 0:
+                return new, None
+            assert got <= new < size
+            got = new
+            select.select([a], [], [], 2.0)
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+
+
+def send_then_close(b: socket.socket, data: bytes, eof: bool) -> None:
+    b.sendall(data)
+    if eof:
+        b.shutdown(socket.SHUT_WR)
+
+
+@FUZZ
+@given(
+    fuzz_native.inputs(),  # as a PUT payload: valid ones and garbage alike
+    st.integers(p.HEADER_SIZE, 400),
+    st.integers(0, 64),
+    st.booleans(),
+)
+def test_recv_put_agrees_with_its_python_definition(
+    payload: bytes, first: int, room: int, eof: bool
+) -> None:
+    frame = p.HEADER.pack(p.MAGIC, p.VERSION, p.MsgType.PUT, 0, 7, len(payload)) + payload
+    first = min(first, len(frame))
+    cap = len(frame) + 4 + room
+    said = recv_put_outcome(lib.recv_put, frame, first, cap, eof)
+    assert said == recv_put_outcome(py_recv_put, frame, first, cap, eof)
+    if eof:
+        assert said == (-1, None) or said[0] in ("ProtocolError", "ValueError")
+
+
+def test_recv_put_decodes_a_frame_of_16k_blocks_as_views_of_its_buffer() -> None:
+    c = p.ClientConnection(b"k" * 32, b"c")
+    items = [(b"b%d" % i, os.urandom(16384 + 29)) for i in range(32)]
+    frame = c.send_put(items, 3)
+    for fn in (lib.recv_put, py_recv_put):
+        assert recv_put_outcome(fn, frame, 1000, len(frame), False) == (len(frame), items)
+
+
+def test_recv_put_refuses_bad_arguments_as_its_definition_does(pair) -> None:
+    a, _ = pair
+    for fn in (lib.recv_put, py_recv_put):
+        for buf, got, size in ((bytearray(20), 0, 21), (bytearray(20), 15, 14),
+                               (bytearray(20), 16, 15), (bytearray(20), -1, 20)):  # fmt: skip
+            with pytest.raises(ValueError):
+                fn(a, buf, got, size)
+        assert fn(a, bytearray(20), 14, 20) == (14, None)  # nothing there yet
+    with pytest.raises(OSError):  # a closed socket: as recv_into would say
+        s = socket.socket()
+        s.close()
+        lib.recv_put(s, bytearray(20), 14, 20)
+    for fn in (lib.recv_put, py_recv_put):
+        with pytest.raises((BufferError, TypeError)):  # the buffer must be writable
+            fn(a, b"x" * 20, 14, 20)
 
 
 # ---- the client's get_one ------------------------------------------------------------

@@ -1,9 +1,10 @@
 /* memlend._native: the remote tier's measured hot path in C (docs/native.md).
 
-   Only what the profile named: decoding GET / GET_REPLY payloads, the lender's
+   Only what the profile named: decoding GET / GET_REPLY / PUT payloads, the lender's
    whole answer to a chunk of GET frames (parse, look the keys up in the store's
-   index, one sendmsg from the arena), and the client's one-block round trip (send,
-   wait without the GIL, check the reply). Everything else stays in Python
+   index, one sendmsg from the arena), its receiving of a PUT frame into one reused
+   buffer, and the client's one-block round trip (send, wait without the GIL, check
+   the reply). Everything else stays in Python
    (memlend.remote.protocol is the definition; this file follows it byte for byte,
    and tests/test_native.py fuzzes the two against each other), and the mount's READ
    of one lent block (_native_read.c).
@@ -192,6 +193,67 @@ truncated:
 fail:
     Py_CLEAR(out);
 done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* The items of a PUT payload p[0..size) as [(key, value)], each value a slice of
+   `src`, the object p points into at offset `base` (no copy when it is a memoryview);
+   NULL with a ProtocolError carrying protocol._decode_put's message for anything
+   malformed. */
+static PyObject *put_items(PyObject *src, size_t base, const unsigned char *p, size_t size) {
+    char why[96];
+    if (size < 2) return protocol_error("truncated message");
+    uint32_t n = be16(p);
+    if (n > MAX_KEYS) {
+        snprintf(why, sizeof why, "%u keys in one message (at most %d)", n, MAX_KEYS);
+        return protocol_error(why);
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    size_t pos = 2;
+    for (uint32_t i = 0; i < n; i++) {
+        if (pos >= size) goto truncated;
+        uint32_t klen = p[pos];
+        if (klen < 1 || klen > MAX_KEY_LEN) {
+            snprintf(why, sizeof why, "key length %u outside 1..%d", klen, MAX_KEY_LEN);
+            protocol_error(why);
+            goto fail;
+        }
+        /* the key and the value's length (one message for either cut short) */
+        if (size - pos < 1 + (size_t)klen + 4) goto truncated;
+        size_t vlen = be32(p + pos + 1 + klen);
+        size_t at = pos + 1 + klen + 4;
+        if (vlen > size - at) goto truncated;
+        PyObject *key = PyBytes_FromStringAndSize((const char *)p + pos + 1, klen);
+        PyObject *value = key == NULL ? NULL
+                                      : PySequence_GetSlice(src, (Py_ssize_t)(base + at),
+                                                            (Py_ssize_t)(base + at + vlen));
+        PyObject *item = value == NULL ? NULL : PyTuple_Pack(2, key, value);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (item == NULL) goto fail;
+        PyList_SET_ITEM(out, i, item);
+        pos = at + vlen;
+    }
+    if (pos != size) {
+        protocol_error("trailing bytes after message");
+        goto fail;
+    }
+    return out;
+truncated:
+    protocol_error("truncated message");
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* decode_put(payload) -> [(key, value)]: protocol._decode_put; the values are slices
+   of `payload` (views when it is a memoryview). */
+static PyObject *decode_put(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *out = put_items(arg, 0, b.buf, (size_t)b.len);
     PyBuffer_Release(&b);
     return out;
 }
@@ -561,6 +623,66 @@ static PyObject *recv_serve(PyObject *self, PyObject *const *args, Py_ssize_t na
     return Py_BuildValue("(y#O)", (const char *)recv_buf, (Py_ssize_t)r, Py_None);
 }
 
+/* recv_put(sock, buf, got, size) -> (got, items | None)
+
+   lender.server.py_recv_put in C: the receiving of one big PUT frame
+   (LenderServer._read_put) on the socket `sock` (anything with a fileno()): buf[0..got)
+   holds the frame's first bytes, header included, and the frame is `size` bytes. One
+   recv() straight into buf[got..size) -- never past the frame, so whatever follows
+   it stays in the socket for the general path -- and, once the frame is whole, its
+   items as decode_put gives them, the values views of `buf` (valid until buf is
+   written again). `got` is -1 at end of file. OSError when the socket fails,
+   ProtocolError for a malformed payload. */
+static PyObject *recv_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "recv_put(sock, buf, got, size)");
+        return NULL;
+    }
+    PyObject *fileno = PyObject_CallMethod(args[0], "fileno", NULL);
+    if (fileno == NULL) return NULL;
+    int fd = as_fd(fileno);
+    Py_DECREF(fileno);
+    if (fd < 0) return NULL;
+    Py_ssize_t got = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer bb;
+    if (PyObject_GetBuffer(args[1], &bb, PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *out = NULL, *view = NULL;
+    if (size < HEADER_SIZE || size > bb.len || got < 0 || got > size) {
+        PyErr_SetString(PyExc_ValueError, "recv_put needs 0 <= got <= size <= len(buf)");
+        goto done;
+    }
+    unsigned char *buf = bb.buf;
+    if (got < size) {
+        ssize_t r;
+        do {
+            r = recv(fd, buf + got, (size_t)(size - got), MSG_DONTWAIT);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        if (r == 0) {
+            out = Py_BuildValue("(nO)", (Py_ssize_t)-1, Py_None);
+            goto done;
+        }
+        if (r > 0) got += r;
+    }
+    if (got < size) {
+        out = Py_BuildValue("(nO)", got, Py_None);
+        goto done;
+    }
+    view = PyMemoryView_FromObject(args[1]);
+    PyObject *items = view == NULL ? NULL
+                                   : put_items(view, HEADER_SIZE, buf + HEADER_SIZE,
+                                               (size_t)(size - HEADER_SIZE));
+    if (items != NULL) out = Py_BuildValue("(nN)", got, items);
+done:
+    Py_XDECREF(view);
+    PyBuffer_Release(&bb);
+    return out;
+}
+
 /* ---- the client: get_one ----------------------------------------------------------- */
 
 static inline double now_mono(void) {
@@ -849,12 +971,15 @@ static PyMethodDef methods[] = {
     {"init", init, METH_O, "init(ProtocolError): the exception the decoders raise"},
     {"decode_keys", decode_keys, METH_O, "A GET payload -> its keys (ProtocolError)"},
     {"decode_values", decode_values, METH_O, "A GET_REPLY payload -> its values"},
+    {"decode_put", decode_put, METH_O, "A PUT payload -> its (key, value) items"},
     {"parse_gets", parse_gets, METH_O, "Whole GET frames -> [(request id, keys)] | None"},
     {"encode_get", (PyCFunction)(void (*)(void))encode_get, METH_FASTCALL, "A GET frame"},
     {"serve_gets", (PyCFunction)(void (*)(void))serve_gets, METH_FASTCALL,
      "The lender's answer to a chunk of GET frames"},
     {"recv_serve", (PyCFunction)(void (*)(void))recv_serve, METH_FASTCALL,
      "recv() and serve_gets in one call"},
+    {"recv_put", (PyCFunction)(void (*)(void))recv_put, METH_FASTCALL,
+     "recv() the rest of a PUT frame into its buffer; its items once whole"},
     {"get_one", (PyCFunction)(void (*)(void))get_one, METH_FASTCALL,
      "The client's one-block round trip"},
     {"recv_values", (PyCFunction)(void (*)(void))recv_values, METH_FASTCALL,

@@ -3,8 +3,8 @@ result or the same ProtocolError message.
 
     python -m memlend.bench.fuzz_native [--n 1000000] [--engine random|hypothesis]
 
-The inputs: random bytes, and valid GET / GET_REPLY payloads and chunks of GET
-frames with bytes overwritten and tails cut off (where the interesting bugs are).
+The inputs: random bytes, and valid GET / GET_REPLY / PUT payloads and chunks of
+GET frames with bytes overwritten and tails cut off (where the interesting bugs are).
 tests/test_native.py runs the property on hypothesis's inputs for a few hundred;
 `--engine hypothesis` does the same here (about 450 inputs/s on this machine), and
 the default engine draws the same shapes with `random` (seeded, --seed), about 100
@@ -31,6 +31,16 @@ def _outcome(fn: Any, data: bytes | memoryview) -> tuple[str, object]:
         return ("error", str(e))
 
 
+def put_outcome(fn: Any, data: bytes | memoryview) -> tuple[str, object]:
+    """A PUT decoder's outcome, its values required to be views of `data` and given
+    as bytes (to compare)."""
+    kind, items = _outcome(fn, data)
+    if kind == "error":
+        return kind, items
+    assert all(type(k) is bytes and type(v) is memoryview for k, v in items), items
+    return kind, [(k, bytes(v)) for k, v in items]
+
+
 def check(data: bytes) -> None:
     """AssertionError unless every native decoder agrees with its Python definition."""
     lib = native.lib
@@ -39,6 +49,7 @@ def check(data: bytes) -> None:
     assert _outcome(lib.decode_keys, data) == _outcome(p.py_decode_keys, view), data
     assert _outcome(lib.decode_values, data) == _outcome(p.py_decode_values, view), data
     assert lib.parse_gets(data) == p.py_parse_gets(data), data
+    assert put_outcome(lib.decode_put, view) == put_outcome(p.py_decode_put, view), data
 
 
 def inputs():  # -> SearchStrategy[bytes]; hypothesis is imported only when fuzzing
@@ -46,6 +57,8 @@ def inputs():  # -> SearchStrategy[bytes]; hypothesis is imported only when fuzz
 
     keys = st.lists(st.binary(min_size=1, max_size=p.MAX_KEY_LEN), max_size=6)
     values = st.lists(st.one_of(st.none(), st.binary(max_size=300)), max_size=6)
+    items = st.lists(st.tuples(st.binary(min_size=1, max_size=p.MAX_KEY_LEN),
+                               st.binary(max_size=300)), max_size=6)  # fmt: skip
     client = p.ClientConnection(b"k" * 32, b"fuzz")
 
     def get_chunk(keysets: list[list[bytes]]) -> bytes:
@@ -58,6 +71,7 @@ def inputs():  # -> SearchStrategy[bytes]; hypothesis is imported only when fuzz
     valid = st.one_of(
         keys.map(lambda ks: b"".join(p._encode_keys(ks))),
         values.map(reply_payload),
+        items.map(lambda its: client.send_put(its)[p.HEADER_SIZE :]),
         st.lists(keys, min_size=1, max_size=3).map(get_chunk),
     )
     edits = st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=4)
@@ -85,7 +99,7 @@ def random_inputs(rng: random.Random):  # -> Iterator[bytes]: inputs()'s shapes,
         return None if rng.random() < 0.3 else rng.randbytes(rng.randint(0, 300))
 
     while True:
-        shape = rng.randrange(4)
+        shape = rng.randrange(5)
         if shape == 0:
             yield rng.randbytes(rng.randint(0, 300))
             continue
@@ -95,6 +109,9 @@ def random_inputs(rng: random.Random):  # -> Iterator[bytes]: inputs()'s shapes,
             vs = [value() for _ in range(rng.randint(0, 6))]
             parts = p.get_reply_parts(0, [None if v is None else (v,) for v in vs])
             data = b"".join(parts)[p.HEADER_SIZE :]
+        elif shape == 3:
+            its = [(k, rng.randbytes(rng.randint(0, 300))) for k in keys()]
+            data = client.send_put(its)[p.HEADER_SIZE :]
         else:
             n = rng.randint(1, 3)
             data = b"".join(client.send_get(keys(), i) for i in range(n))

@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,8 +35,35 @@ from memlend.remote import protocol as p
 
 log = logging.getLogger("memlend.lender")
 
+_RID = struct.Struct(">I")  # a frame's request id, at offset 6
 RECV_SIZE = 64 << 10  # below glibc's mmap threshold: see memlend.remote.sockio
 MAX_OUTPUT = 8 << 20  # stop reading from a client that does not read its replies
+
+
+def py_recv_put(
+    sock: socket.socket, buf: bytearray, got: int, size: int
+) -> tuple[int, list[tuple[bytes, bytes | memoryview]] | None]:
+    """The receiving of one big PUT frame (_read_put), defined here and done in C when
+    built (memlend.native; tests/test_native.py holds the two to the same results).
+    buf[:got] holds the frame's first bytes, header included; the frame is `size`
+    bytes. One recv straight into buf[got:size] -- never past the frame, so what
+    follows it stays in the socket for receive_data -- and, once the frame is whole,
+    its items (protocol's PUT decoder: the values are views of buf, valid until buf is
+    written again). `got` is -1 at end of file; ProtocolError for a malformed payload."""
+    if not p.HEADER_SIZE <= size <= len(buf) or not 0 <= got <= size:
+        raise ValueError("recv_put needs 0 <= got <= size <= len(buf)")
+    view = memoryview(buf)
+    if got < size:
+        try:
+            n = sock.recv_into(view[got:size])
+        except BlockingIOError:
+            n = None
+        if n == 0:
+            return -1, None
+        got += n or 0
+    if got < size:
+        return got, None
+    return got, p.py_decode_put(view[p.HEADER_SIZE : size])
 
 
 @dataclass
@@ -65,6 +93,10 @@ class _Client:
     out_bytes: int = 0
     mask: int = select.EPOLLIN
     closing: bool = False
+    # A PUT frame bigger than one recv, coming straight into put_buf (_read_put).
+    put_buf: bytearray | None = None
+    put_got: int = 0
+    put_size: int = 0
 
 
 URGENT_SECONDS = 2.0  # after a cgroup pressure event, watch closely this long
@@ -99,6 +131,8 @@ class LenderServer:
         use_native = native.lib is not None and self.cfg.native_gets
         self._recv_serve = native.lib.recv_serve if use_native else None
         self._arena, self._slot_size = store.arena.view, store.slot_size
+        self._recv_put = native.lib.recv_put if native.lib is not None else py_recv_put
+        self._spare: bytearray | None = None  # the last big PUT's buffer, for the next
         self.get_keys = 0  # keys asked for (stats: CPU per GET)
         self._cpu_start = time.process_time()
         self.auth_failures = 0
@@ -299,6 +333,9 @@ class LenderServer:
         c.sock.close()
 
     def _read(self, c: _Client) -> None:
+        if c.put_buf is not None:
+            self._read_put(c)
+            return
         if self._recv_serve is not None and c.ns is not None and c.conn.fast_ready:
             # The hot path in C: recv, parse, look up, one sendmsg from the arena.
             try:
@@ -338,6 +375,11 @@ class LenderServer:
                 self.get_keys += len(keys)
                 self._reply_get(c, request_id, keys)
             return
+        if c.ns is not None and c.conn.fast_ready:
+            size = p.put_frame_size(data)
+            if size is not None:
+                self._start_put(c, data, size)
+                return
         try:
             events = c.conn.receive_data(data)
         except p.AuthError as e:
@@ -356,6 +398,57 @@ class LenderServer:
                 break
             self._handle(c, ev)
         self._flush(c)
+
+    def _start_put(self, c: _Client, data: bytes, size: int) -> None:
+        """The first bytes of a PUT frame that needs more recvs: the rest is received
+        straight into one buffer (_read_put), not gathered in a growing one and copied
+        out. The buffer is kept for the next frame: a fresh half-MiB buffer per frame
+        cost more in page faults than the decoding (docs/native.md)."""
+        spare = self._spare
+        if spare is not None and len(spare) >= size:
+            buf, self._spare = spare, None
+        else:
+            buf = bytearray(size)
+        buf[: len(data)] = data
+        c.put_buf, c.put_got, c.put_size = buf, len(data), size
+        c.partial_since = c.last_active
+
+    def _read_put(self, c: _Client) -> None:
+        buf = c.put_buf
+        assert buf is not None
+        try:
+            got, items = self._recv_put(c.sock, buf, c.put_got, c.put_size)
+        except OSError as e:
+            self._close(c, None if e.errno in (errno.EPIPE, errno.ECONNRESET) else e.strerror)
+            return
+        except p.ProtocolError as e:  # the payload: the message receive_data would give
+            self._end_put(c)
+            self.protocol_errors += 1
+            self._fail(c, p.ErrorCode.PROTOCOL, str(e))
+            return
+        if got < 0:
+            self._close(c)
+            return
+        c.last_active = time.monotonic()
+        c.put_got = got
+        if items is None:
+            return
+        self._apply_put(c, _RID.unpack_from(buf, 6)[0], items)
+        self._end_put(c)  # buf may take the next frame: store.put copied every value
+        self._flush(c)
+
+    def _end_put(self, c: _Client) -> None:
+        buf, c.put_buf, c.partial_since = c.put_buf, None, None
+        if buf is not None and (self._spare is None or len(buf) > len(self._spare)):
+            self._spare = buf
+
+    def _apply_put(
+        self, c: _Client, request_id: int, items: list[tuple[bytes, bytes | memoryview]]
+    ) -> None:
+        put, ns = self.store.put, c.ns
+        assert ns is not None  # set when the handshake ended; PUTs come only after it
+        stored = sum(put(ns, k, v) for k, v in items)
+        self._send(c, c.conn.send_ack(request_id, stored))
 
     def _auth_failed(self, c: _Client, why: str) -> None:
         self._log_auth_failure(c, why)
@@ -436,8 +529,7 @@ class LenderServer:
             self.get_keys += len(ev.keys)
             self._reply_get(c, ev.request_id, ev.keys)
         elif isinstance(ev, p.PutRequest):
-            stored = sum(st.put(c.ns, k, v) for k, v in ev.items)  # type: ignore[arg-type]
-            self._send(c, conn.send_ack(ev.request_id, stored))
+            self._apply_put(c, ev.request_id, ev.items)
         elif isinstance(ev, p.InvalidateRequest):
             ns = c.ns
             assert ns is not None

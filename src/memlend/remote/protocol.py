@@ -104,6 +104,7 @@ _T_GET, _T_GET_REPLY, _T_ERROR = int(MsgType.GET), int(MsgType.GET_REPLY), int(M
 # one-key GET: the remote tier's hot path packs and checks these in one step.
 _GET_HEAD = MAGIC + bytes((VERSION, _T_GET, 0, 0))
 _REPLY_HEAD = MAGIC + bytes((VERSION, _T_GET_REPLY, 0, 0))
+_PUT_HEAD = MAGIC + bytes((VERSION, int(MsgType.PUT), 0, 0))
 _RID_LEN = struct.Struct(">II")
 _GET1 = struct.Struct(">6sIIBBB")
 NOT_FAST = object()  # receive_value(): "not the common case, use receive_data"
@@ -159,7 +160,7 @@ class GetReply(Event):
 
 @dataclass(slots=True)
 class PutRequest(Event):
-    items: list[tuple[bytes, bytes]]
+    items: list[tuple[bytes, bytes | memoryview]]  # values: views of the received frame
 
 
 @dataclass(slots=True)
@@ -329,6 +330,37 @@ def _decode_values(payload: memoryview) -> list[bytes | None]:
     return values
 
 
+def _decode_put(payload: memoryview) -> list[tuple[bytes, bytes | memoryview]]:
+    """A PUT payload's (key, value) items, each value a slice of `payload` (a view:
+    the store copies it once, into its slot)."""
+    size = len(payload)
+    if size < 2:
+        raise ProtocolError("truncated message")
+    n = _U16.unpack_from(payload)[0]
+    if n > MAX_KEYS:
+        raise ProtocolError(f"{n} keys in one message (at most {MAX_KEYS})")
+    items: list[tuple[bytes, bytes | memoryview]] = []
+    pos = 2
+    for _ in range(n):
+        if pos >= size:
+            raise ProtocolError("truncated message")
+        klen = payload[pos]
+        if not 1 <= klen <= MAX_KEY_LEN:
+            raise ProtocolError(f"key length {klen} outside 1..{MAX_KEY_LEN}")
+        pos += 1 + klen
+        if pos + 4 > size:  # the key or the value's length cut short
+            raise ProtocolError("truncated message")
+        key = bytes(payload[pos - klen : pos])
+        vlen = _U32.unpack_from(payload, pos)[0]
+        pos += 4 + vlen
+        if pos > size:
+            raise ProtocolError("truncated message")
+        items.append((key, payload[pos - vlen : pos]))
+    if pos != size:
+        raise ProtocolError("trailing bytes after message")
+    return items
+
+
 def _decode(mtype: int, request_id: int, payload: memoryview) -> Event:
     """One payload -> one event; any malformation is a ProtocolError."""
     # The hot path first, compared as plain ints (an IntEnum attribute costs 0.13 µs).
@@ -349,11 +381,7 @@ def _decode(mtype: int, request_id: int, payload: memoryview) -> Event:
         max_value, max_keys = r.u32(), r.u16()
         ev = AuthOk(request_id, max_value, max_keys)
     elif mtype == MsgType.PUT:
-        items = []
-        for _ in range(r.count()):
-            k = r.key()
-            items.append((k, r.take(r.u32())))
-        ev = PutRequest(request_id, items)
+        return PutRequest(request_id, _decode_put(payload))
     elif mtype == MsgType.INVALIDATE:
         try:
             mode = InvalidateMode(r.u8())
@@ -467,6 +495,19 @@ def parse_gets(data: bytes) -> list[tuple[int, list[bytes]]] | None:
         out.append((request_id, keys))
         pos = end
     return out
+
+
+def put_frame_size(data: bytes) -> int | None:
+    """The lender's big-PUT path: the size of the PUT frame `data` starts but does not
+    finish, if its header is valid (the rest may then be received straight into one
+    buffer, LenderServer._read_put); None for anything else, which receive_data
+    judges."""
+    if len(data) < HEADER_SIZE or data[:6] != _PUT_HEAD:
+        return None
+    length = _U32.unpack_from(data, 10)[0]
+    if length > MAX_PAYLOAD or len(data) >= HEADER_SIZE + length:
+        return None
+    return HEADER_SIZE + length
 
 
 def get_reply_parts(
@@ -784,7 +825,8 @@ def put_payload_size(key: bytes, value_len: int) -> int:
 # The Python decoders above are the definition; the C ones (memlend.native) replace
 # them when built, and tests/test_native.py fuzzes each pair against each other.
 py_decode_keys, py_decode_values, py_parse_gets = _decode_keys, _decode_values, parse_gets
+py_decode_put = _decode_put
 if _native is not None:
     _native.init(ProtocolError)
     _decode_keys, _decode_values = _native.decode_keys, _native.decode_values
-    parse_gets = _native.parse_gets
+    parse_gets, _decode_put = _native.parse_gets, _native.decode_put
