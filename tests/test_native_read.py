@@ -143,21 +143,22 @@ def test_a_blob_sealed_under_the_previous_key_opens(peers) -> None:
     assert kernel_got(k)[16:] == DATA[:4096]
 
 
-@pytest.mark.parametrize(
-    "blob",
-    [
-        sealed(0, key=b"x" * 32),  # another key
-        sealed(1),  # another block's
-        sealed(0, version=VERSION - 1),  # an older version's
-        sealed(0, file_id=FILE_ID + 1),  # another file's
-        sealed(0)[:-1],  # cut
-        sealed(0)[:20],  # shorter than a blob
-        b"\x02" + sealed(0)[1:],  # unknown format
-        sealed(0, DATA + b"x"),  # longer than a block
-    ],
-)
-def test_a_blob_that_does_not_open_is_left_to_python(peers, blob: bytes) -> None:
+BAD_BLOBS = {
+    "another key": lambda: sealed(0, key=b"x" * 32),
+    "another block's": lambda: sealed(1),
+    "an older version's": lambda: sealed(0, version=VERSION - 1),
+    "another file's": lambda: sealed(0, file_id=FILE_ID + 1),
+    "cut": lambda: sealed(0)[:-1],
+    "shorter than a blob": lambda: sealed(0)[:20],
+    "unknown format": lambda: b"\x02" + sealed(0)[1:],
+    "longer than a block": lambda: sealed(0, DATA + b"x"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BLOBS))
+def test_a_blob_that_does_not_open_is_left_to_python(peers, case: str) -> None:
     k, d, a, b = peers
+    blob = BAD_BLOBS[case]()
     req = request(0, 4096)
     lender(b, lambda rid, key: answer(rid, blob))
     k.send(req)
@@ -176,19 +177,25 @@ def test_a_miss_is_left_to_python_which_does_not_ask_again(peers) -> None:
     assert bytes(buf[:n]) == req and kernel_got(k) is None
 
 
-@pytest.mark.parametrize(
-    "reply,status",
-    [
-        (lambda rid, key: answer(rid + 1, sealed(0)), -lib.NOT_FAST),  # another request's
-        (lambda rid, key: p.ServerConnection(b"a" * 32).send_error(rid, 3, "busy"), -lib.NOT_FAST),
-        (lambda rid, key: b"HTTP/1.1 400 Bad Request\r\n\r\n", -lib.NOT_FAST),
-        (lambda rid, key: answer(rid, sealed(0)) + b"extra", -lib.NOT_FAST),
-        (lambda rid, key: answer(rid, sealed(0))[:30], -lib.TIMED_OUT),  # truncated
-        (lambda rid, key: b"", -lib.TIMED_OUT),  # silence
-    ],
-)
-def test_a_lender_that_does_not_answer_right_is_a_fault(peers, reply, status: int) -> None:
+# What the lender sends back, and the fault status that makes (-NOT_FAST, ...).
+FAULTS = {
+    "another request's reply": (lambda rid, key: answer(rid + 1, sealed(0)), "NOT_FAST"),
+    "an ERROR frame": (
+        lambda rid, key: p.ServerConnection(b"a" * 32).send_error(rid, 3, "busy"),
+        "NOT_FAST",
+    ),
+    "HTTP": (lambda rid, key: b"HTTP/1.1 400 Bad Request\r\n\r\n", "NOT_FAST"),
+    "trailing bytes": (lambda rid, key: answer(rid, sealed(0)) + b"extra", "NOT_FAST"),
+    "a truncated frame": (lambda rid, key: answer(rid, sealed(0))[:30], "TIMED_OUT"),
+    "silence": (lambda rid, key: b"", "TIMED_OUT"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_a_lender_that_does_not_answer_right_is_a_fault(peers, case: str) -> None:
     k, d, a, b = peers
+    reply, status_name = FAULTS[case]
+    status = -getattr(lib, status_name)
     req = request(0, 4096)
     lender(b, reply)
     k.send(req)
