@@ -283,7 +283,9 @@ def worker_main(args: argparse.Namespace) -> int:
         session.proto_minor = init["proto_minor"]
         session.mmap_allowed = init["mmap_allowed"]
         session.kernel_flags = init["kernel_flags"]
+        t = time.monotonic()
         info.update(fs.restore(records))
+        info["restore_ms"] = round((time.monotonic() - t) * 1000, 2)
         info["journal_records"] = len(records)
     else:
         session = Session(args.fd, fs, **kwargs)
@@ -673,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("kill to worker 2 ready", "kill to in-flight read answered"):
                     vals = [o.times_ms[key] for o in outcomes
                             if o.variant == variant and key in o.times_ms]  # fmt: skip
+                    if key.endswith("answered"):
+                        print(f"{variant}: in-flight read answered in {len(vals)} of "
+                              f"{args.rounds} rounds")  # fmt: skip
                     if vals:
                         print(f"{variant}: {key}: median {statistics.median(vals)} ms "
                               f"(min {min(vals)}, max {max(vals)}, n={len(vals)})")  # fmt: skip
