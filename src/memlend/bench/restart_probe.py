@@ -172,7 +172,7 @@ class JournaledPassthrough(Passthrough):
 
     # ---- the new worker: the dead one's identities back ----
 
-    def restore(self, records: list[list[str]]) -> dict[str, int]:
+    def restore(self, records: list[list[str]]) -> dict[str, Any]:
         """Rebuild nodeid -> inode and fh -> open file from the journal."""
         nodes: dict[int, list[Any]] = {}  # nodeid -> [dev, ino, mount_id, handle, nlookup]
         handles: dict[int, tuple[str, int, int]] = {}  # fh -> (kind, nodeid, flags)
@@ -197,8 +197,14 @@ class JournaledPassthrough(Passthrough):
                 handles[int(rec[1])] = ("dir", int(rec[2]), 0)
             elif kind == "R":
                 handles.pop(int(rec[1]), None)
-        out = {"nodes": 0, "nodes_without_handle": 0, "files_reopened": 0, "dirs_reopened": 0,
-               "handles_lost": 0}  # fmt: skip
+        counts = (
+            "nodes",
+            "nodes_without_handle",
+            "files_reopened",
+            "dirs_reopened",
+            "handles_lost",
+        )
+        out: dict[str, Any] = dict.fromkeys(counts, 0)
         for nodeid, (dev, ino, mount_id, handle, nlookup) in nodes.items():
             mount_fd = self._fds._mounts.get(mount_id, -1)
             if handle is None or mount_fd < 0:
@@ -209,6 +215,7 @@ class JournaledPassthrough(Passthrough):
             self._inodes[nodeid] = inode
             self._by_key[inode.key] = nodeid
             out["nodes"] += 1
+        lost: list[str] = []
         for fh, (kind, nodeid, flags) in handles.items():
             inode = self._inodes.get(nodeid)
             try:
@@ -223,8 +230,9 @@ class JournaledPassthrough(Passthrough):
                 fd = open_by_handle(
                     inode.mount_fd, inode.handle, flags & _REOPEN_MASK | os.O_CLOEXEC
                 )
-            except OSError:
-                out["handles_lost"] += 1  # e.g. ESTALE: unlinked, its last descriptor died
+            except OSError as e:  # ESTALE: unlinked, its last descriptor died with the worker
+                out["handles_lost"] += 1
+                lost.append(errno.errorcode.get(e.errno or 0, str(e)))
                 continue
             state = self._validate(os.fstat(fd))
             accmode = flags & os.O_ACCMODE
@@ -232,6 +240,7 @@ class JournaledPassthrough(Passthrough):
             h.writes = accmode != os.O_RDONLY
             self._handles[fh] = h
             out["files_reopened"] += 1
+        out["handles_lost_errors"] = lost
         self._ids = itertools.count(max(nodes, default=wire.ROOT_ID) + 1)
         self._fhs = itertools.count(max(handles, default=0) + 1)
         return out
@@ -679,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{variant}: in-flight read answered in {len(vals)} of "
                               f"{args.rounds} rounds")  # fmt: skip
                     if vals:
-                        print(f"{variant}: {key}: median {statistics.median(vals)} ms "
+                        print(f"{variant}: {key}: median {round(statistics.median(vals), 1)} ms "
                               f"(min {min(vals)}, max {max(vals)}, n={len(vals)})")  # fmt: skip
     return 0
 
