@@ -52,9 +52,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from memlend.fs.cache import BlockCache
+from memlend.fs.cache import BlockCache, NoCache
 from memlend.fs.inodes import Inode, open_by_handle
-from memlend.fs.passthrough import _REOPEN_MASK, DirHandle, Handle, Passthrough
+from memlend.fs.passthrough import _REOPEN_MASK, DirHandle, Handle, IoMode, Passthrough
 from memlend.fuse import wire
 from memlend.fuse.api import Context
 from memlend.fuse.mount import is_mountpoint, mount, unmount
@@ -69,7 +69,10 @@ ANSWER_WITHIN = 5.0  # seconds given to a request after the new worker is ready
 FUSECTL = "/sys/fs/fuse/connections"
 HELD = ("read", "write", "mkdir")  # the requests in the worker's hands when it dies
 HELD_DIR = "held-dir"
-SIZES = {"log": 100, "a": 1 << 20, "b": 256 << 10, "slow": 64 << 10, "u": 16 << 10, "sub/c": 4096}
+# `slow` and `log` are above PASSTHROUGH_MAX, so that on the kernel tier too their reads
+# and writes reach the worker (smaller files read or written are opened in passthrough).
+SIZES = {"log": (1 << 20) + 100, "a": 1 << 20, "b": 256 << 10, "slow": 2 << 20,
+         "u": 16 << 10, "sub/c": 4096}  # fmt: skip
 ATTR_TIMEOUT = 0.2  # short, so that the checks after the restart reach the daemon
 
 
@@ -133,7 +136,7 @@ class JournaledPassthrough(Passthrough):
         self, fd: int, inode: Inode, st: os.stat_result, flags: int, nodeid: int
     ) -> tuple[int, int]:
         fh, open_flags = super()._new_handle(fd, inode, st, flags, nodeid)
-        self.journal.add("O", fh, nodeid, flags)
+        self.journal.add("O", fh, nodeid, flags, self._handles[fh].backing)
         return fh, open_flags
 
     def release(self, nodeid: int, fh: int) -> None:
@@ -175,7 +178,7 @@ class JournaledPassthrough(Passthrough):
     def restore(self, records: list[list[str]]) -> dict[str, Any]:
         """Rebuild nodeid -> inode and fh -> open file from the journal."""
         nodes: dict[int, list[Any]] = {}  # nodeid -> [dev, ino, mount_id, handle, nlookup]
-        handles: dict[int, tuple[str, int, int]] = {}  # fh -> (kind, nodeid, flags)
+        handles: dict[int, tuple[str, int, int, int]] = {}  # fh -> kind nodeid flags backing
         for rec in records:
             kind = rec[0]
             if kind == "L":
@@ -192,9 +195,9 @@ class JournaledPassthrough(Passthrough):
                     if nodes[nodeid][4] <= 0:
                         del nodes[nodeid]
             elif kind == "O":
-                handles[int(rec[1])] = ("file", int(rec[2]), int(rec[3]))
+                handles[int(rec[1])] = ("file", int(rec[2]), int(rec[3]), int(rec[4]))
             elif kind == "D":
-                handles[int(rec[1])] = ("dir", int(rec[2]), 0)
+                handles[int(rec[1])] = ("dir", int(rec[2]), 0, 0)
             elif kind == "R":
                 handles.pop(int(rec[1]), None)
         counts = (
@@ -216,7 +219,7 @@ class JournaledPassthrough(Passthrough):
             self._by_key[inode.key] = nodeid
             out["nodes"] += 1
         lost: list[str] = []
-        for fh, (kind, nodeid, flags) in handles.items():
+        for fh, (kind, nodeid, flags, backing) in handles.items():
             inode = self._inodes.get(nodeid)
             try:
                 if inode is None or inode.handle is None:
@@ -240,6 +243,15 @@ class JournaledPassthrough(Passthrough):
             h.writes = accmode != os.O_RDONLY
             self._handles[fh] = h
             out["files_reopened"] += 1
+            if self.passthrough is not None:  # the kernel tier: how the kernel does its I/O
+                # A backing id lives in the connection, not in the worker: still valid.
+                m = self._io.setdefault(state.key, IoMode())
+                if backing:
+                    h.backing = m.backing = backing
+                    m.passed += 1
+                    out["passthrough_handles"] = out.get("passthrough_handles", 0) + 1
+                else:
+                    m.cached += 1
         out["handles_lost_errors"] = lost
         self._ids = itertools.count(max(nodes, default=wire.ROOT_ID) + 1)
         self._fhs = itertools.count(max(handles, default=0) + 1)
@@ -273,13 +285,17 @@ def worker_main(args: argparse.Namespace) -> int:
             return 1
     t0 = time.monotonic()
     stats = MountStats(pid=os.getpid(), backing=args.backing, cache_size=64 << 20,
-                       block_size=64 << 10, policy="lru")  # fmt: skip
-    cache = BlockCache(64 << 20, 64 << 10, "lru", stats)
-    fs = JournaledPassthrough(args.backing, cache, stats, journal=Journal(args.journal),
-                              block_ino=args.block_ino, append_ino=args.append_ino,
-                              marker=args.marker)  # fmt: skip
+                       block_size=64 << 10, policy="lru", local_tier=args.tier)  # fmt: skip
+    kernel = args.tier == "kernel"
+    cache = NoCache(64 << 10, stats) if kernel else BlockCache(64 << 20, 64 << 10, "lru", stats)
+    fs = JournaledPassthrough(args.backing, cache, stats, local_tier=args.tier,
+                              journal=Journal(args.journal), block_ino=args.block_ino,
+                              append_ino=args.append_ino, marker=args.marker)  # fmt: skip
+    # As serve() sets them up: the kernel tier without AUTO_INVAL_DATA, and with
+    # passthrough for small written files (root).
     kwargs: dict[str, Any] = {"threads": 4, "attr_timeout": ATTR_TIMEOUT,
-                              "entry_timeout": ATTR_TIMEOUT}  # fmt: skip
+                              "entry_timeout": ATTR_TIMEOUT, "auto_inval_data": not kernel,
+                              "passthrough": kernel}  # fmt: skip
     info: dict[str, Any] = {}
     if args.restore:
         records = read_journal(args.journal)
@@ -288,10 +304,17 @@ def worker_main(args: argparse.Namespace) -> int:
         session.resent_log = args.journal + ".resent"
         if args.variant == "handshake":
             print(json.dumps({"ready": True, "handshake": True}), flush=True)
-            session.handshake()  # as a fresh daemon: waits for an INIT that never comes
+            try:
+                session.handshake()  # as a fresh daemon: waits for an INIT that never comes
+            except OSError as e:  # ENODEV: the probe aborted the connection to end it
+                print(f"worker 2: {e}", file=sys.stderr)
+                return 1
         session.proto_minor = init["proto_minor"]
         session.mmap_allowed = init["mmap_allowed"]
         session.kernel_flags = init["kernel_flags"]
+        session.passthrough = init["passthrough"]
+        if session.passthrough:
+            fs.use_passthrough(session)
         t = time.monotonic()
         info.update(fs.restore(records))
         info["restore_ms"] = round((time.monotonic() - t) * 1000, 2)
@@ -299,7 +322,10 @@ def worker_main(args: argparse.Namespace) -> int:
     else:
         session = Session(args.fd, fs, **kwargs)
         session.handshake()
+        if session.passthrough:
+            fs.use_passthrough(session)
         init = {"max_write": session.max_write, "proto_minor": session.proto_minor,
+                "passthrough": session.passthrough,
                 "mmap_allowed": session.mmap_allowed, "kernel_flags": session.kernel_flags,
                 "kernel_proto": list(session.kernel_proto)}  # fmt: skip
         fs.journal.add("I", json.dumps(init))
@@ -326,6 +352,7 @@ def worker_main(args: argparse.Namespace) -> int:
 @dataclass
 class Outcome:
     variant: str
+    tier: str = "memlend"
     checks: dict[str, str] = field(default_factory=dict)  # what -> "ok" or what went wrong
     times_ms: dict[str, float] = field(default_factory=dict)
     worker1: dict[str, Any] = field(default_factory=dict)
@@ -432,7 +459,7 @@ def app_main(args: argparse.Namespace) -> int:
     log_size = len(data["log"])
     # The requests in flight, each held by a hook of the worker (see JournaledPassthrough).
     held: dict[str, Callable[[], object]] = {
-        "read": lambda: os.pread(fslow, 65536, 0) == data["slow"],
+        "read": lambda: os.pread(fslow, 65536, 0) == data["slow"][:65536],
         "write": lambda: os.write(flog, b"L" * 100),
         "mkdir": lambda: os.mkdir(p(HELD_DIR)),
     }
@@ -470,6 +497,8 @@ def app_main(args: argparse.Namespace) -> int:
     grew = os.stat(os.path.join(backing, "log")).st_size - log_size
     out["in_flight"]["write"] += f"; the backing file grew by {grew} bytes (100 written)"
     time.sleep(ATTR_TIMEOUT * 2)  # cached attributes and entries expire
+    for f in (fa, fb):  # the kernel tier: its cached pages go, reads reach the worker
+        _timed(lambda f=f: os.posix_fadvise(f, 0, 0, os.POSIX_FADV_DONTNEED), ANSWER_WITHIN)
 
     def check(name: str, fn: Callable[[], object], want: object) -> None:
         status, value = _timed(fn, ANSWER_WITHIN)
@@ -508,8 +537,10 @@ def app_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def probe(variant: str, base: str) -> Outcome:
-    out = Outcome(variant)
+def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
+    """One run: `variant` (VARIANTS), the worker's local tier `tier` (memlend, kernel),
+    in the empty directory `base`."""
+    out = Outcome(variant, tier)
     backing, mnt = os.path.join(base, "backing"), os.path.join(base, "mnt")
     journal, marker = os.path.join(base, "journal"), os.path.join(base, "blocked")
     os.makedirs(os.path.join(backing, "sub"))
@@ -523,7 +554,7 @@ def probe(variant: str, base: str) -> Outcome:
     conn = _connection(mnt)
     w1 = w2 = app = None
     try:
-        common = ["--backing", backing, "--journal", journal, "--variant", variant]
+        common = ["--backing", backing, "--journal", journal, "--variant", variant, "--tier", tier]
         hooks = ["--block-ino", str(block_ino), "--append-ino", str(append_ino), "--marker", marker]
         w1 = _spawn(["--worker", *common, *hooks], fd)
         out.worker1 = _ready(w1, 10)
@@ -630,7 +661,7 @@ def _base() -> Iterator[str]:
 def report(outcomes: list[Outcome]) -> str:
     lines = []
     for o in outcomes:
-        lines.append(f"variant {o.variant}:")
+        lines.append(f"variant {o.variant}, local tier {o.tier}:")
         for k, v in o.in_flight.items():
             lines.append(f"  in flight, {k}: {v}")
         for k, v in o.times_ms.items():
@@ -648,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memlend.bench.restart_probe",
                                  description=__doc__.split("\n")[0])  # fmt: skip
     ap.add_argument("--variant", default="resend", choices=(*VARIANTS, "all"))
+    ap.add_argument("--tier", default="memlend", choices=("memlend", "kernel"),
+                    help="the worker's local tier, as memlend mount --local-tier")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=1, help="repeat each variant N times")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -674,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         for _ in range(args.rounds):
             with _base() as base:
-                outcomes.append(probe(variant, base))
+                outcomes.append(probe(variant, base, args.tier))
     if args.json:
         print(json.dumps([o.__dict__ for o in outcomes], indent=1))
     else:
