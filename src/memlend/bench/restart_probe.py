@@ -23,6 +23,8 @@ Variants (what the new worker does):
              unique with bit 63 set; the reply echoes it.
   standby    as resend, with the new worker started (interpreter and imports) before
              the kill and waiting: what a supervisor keeping a spare worker would see.
+  no-bit     as standby, but the replies other than READ's leave bit 63 out of the
+             unique: must a reply echo it?
   no-resend  as resend without the notification: what happens to the request in flight.
   handshake  starts as a fresh daemon would, with Session.handshake() (waits for INIT).
   no-hold    the supervisor closes its descriptor once the worker runs: the worker's
@@ -64,7 +66,7 @@ from memlend.stats import MountStats
 NOTIFY_RESEND = 7  # FUSE_NOTIFY_RESEND, Linux 6.9 (protocol 7.40)
 UNIQUE_RESEND = 1 << 63  # FUSE_UNIQUE_RESEND: set in the unique of a resent request
 HAS_RESEND = 1 << 39  # FUSE_HAS_RESEND: offered by the kernel in INIT (information only)
-VARIANTS = ("resend", "standby", "no-resend", "handshake", "no-hold")
+VARIANTS = ("resend", "standby", "no-bit", "no-resend", "handshake", "no-hold")
 ANSWER_WITHIN = 5.0  # seconds given to a request after the new worker is ready
 FUSECTL = "/sys/fs/fuse/connections"
 HELD = ("read", "write", "mkdir")  # the requests in the worker's hands when it dies
@@ -263,23 +265,39 @@ class ProbeSession(Session):
     replies but a successful READ's, which the hot path writes itself) in `log`."""
 
     resent_log = ""
+    strip_bit = False  # answer a resent request without FUSE_UNIQUE_RESEND
 
-    def _note(self, unique: int) -> None:
+    def _note(self, unique: int) -> int:
         if unique & UNIQUE_RESEND and self.resent_log:
-            with open(self.resent_log, "a") as f:
-                f.write(f"{unique:#x}\n")
+            self._record(f"{unique:#x}")
+        return unique & ~UNIQUE_RESEND if self.strip_bit else unique
+
+    def _record(self, line: str) -> None:
+        with open(self.resent_log, "a") as f:
+            f.write(line + "\n")
 
     def _reply(self, unique: int, payload: Any) -> None:
-        self._note(unique)
-        super()._reply(unique, payload)
+        super()._reply(self._note(unique), payload)
+
+    def _reply_failed(self, unique: int, e: OSError) -> None:
+        if self.strip_bit:  # what the kernel said to a reply without the bit
+            self._record(f"{unique:#x}:{errno.errorcode.get(e.errno or 0)}")
+            return
+        super()._reply_failed(unique, e)
 
     def _reply_error(self, unique: int, err: int) -> None:
-        self._note(unique)
-        super()._reply_error(unique, err)
+        sent = self._note(unique)
+        if sent == unique:
+            super()._reply_error(unique, err)
+            return
+        try:  # written here: Session's own keeps quiet about ENOENT
+            os.write(self.fd, wire.OUT_HEADER.pack(wire.OUT_HEADER.size, -err, sent))
+        except OSError as e:
+            self._record(f"{sent:#x}:{errno.errorcode.get(e.errno or 0)}")
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    if args.variant == "standby" and args.restore:
+    if args.variant in ("standby", "no-bit") and args.restore:
         print(json.dumps({"standby": True}), flush=True)
         if not sys.stdin.readline():
             return 1
@@ -302,6 +320,7 @@ def worker_main(args: argparse.Namespace) -> int:
         init = json.loads(next(" ".join(r[1:]) for r in records if r[0] == "I"))
         session = ProbeSession(args.fd, fs, max_write=init["max_write"], **kwargs)
         session.resent_log = args.journal + ".resent"
+        session.strip_bit = args.variant == "no-bit"
         if args.variant == "handshake":
             print(json.dumps({"ready": True, "handshake": True}), flush=True)
             try:
@@ -332,7 +351,7 @@ def worker_main(args: argparse.Namespace) -> int:
         info["kernel_offers_resend"] = bool(session.kernel_flags & HAS_RESEND)
         info["kernel_proto"] = list(session.kernel_proto)
     session.start()
-    if args.restore and args.variant in ("resend", "standby"):
+    if args.restore and args.variant in ("resend", "standby", "no-bit"):
         out = wire.OUT_HEADER.pack(wire.OUT_HEADER.size, NOTIFY_RESEND, 0)
         t = time.monotonic()
         os.write(args.fd, out)
@@ -569,7 +588,7 @@ def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
         if not holding.get("holding"):
             out.checks["read held by worker 1"] = str(holding)
             return out
-        if variant == "standby":
+        if variant in ("standby", "no-bit"):
             w2 = _spawn(["--worker", *common, "--restore"], fd)
             spare = _ready(w2, 10, key="standby")
             if not spare.get("standby"):
@@ -599,7 +618,11 @@ def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
         out.aborted = _teardown(mnt, conn, fd, app, [w1, w2])
     if os.path.exists(journal + ".resent"):
         with open(journal + ".resent") as f:
-            out.worker2["replies with bit 63 (not counting READ)"] = f.read().split()
+            lines = f.read().split()
+        out.worker2["replies with bit 63 (not counting READ)"] = [x for x in lines if ":" not in x]
+        refused = [x for x in lines if ":" in x]
+        if refused:
+            out.worker2["replies without the bit, refused (unique:errno)"] = refused
     return out
 
 
