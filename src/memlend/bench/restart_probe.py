@@ -698,6 +698,51 @@ def report(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def replay_bench(nodes: int, opened: int, base: str) -> dict[str, float]:
+    """The new worker's replay at scale, in-process and without a mount: a worker's
+    Passthrough looks up `nodes` files and opens `opened` of them (journaling as it
+    goes), then a fresh one replays the journal."""
+    backing = os.path.join(base, "backing")
+    os.mkdir(backing)
+    for i in range(nodes):
+        with open(os.path.join(backing, f"f{i}"), "wb") as f:
+            f.write(b"x")
+    journal = os.path.join(base, "journal")
+    ctx = Context(0, 0, 0)
+
+    def make() -> JournaledPassthrough:
+        stats = MountStats(local_tier="kernel")
+        return JournaledPassthrough(backing, NoCache(4096, stats), stats, local_tier="kernel",
+                                    journal=Journal(journal), max_inodes=nodes + 1)  # fmt: skip
+
+    stats = MountStats(local_tier="kernel")
+    plain = Passthrough(backing, NoCache(4096, stats), stats, local_tier="kernel",
+                        max_inodes=nodes + 1)  # fmt: skip
+    t = time.perf_counter()
+    for i in range(nodes):
+        plain.lookup(ctx, wire.ROOT_ID, f"f{i}".encode())
+    bare = time.perf_counter() - t
+    plain.destroy()
+    first = make()
+    t = time.perf_counter()
+    ids = [first.lookup(ctx, wire.ROOT_ID, f"f{i}".encode())[0] for i in range(nodes)]
+    lookups = time.perf_counter() - t
+    for nodeid in ids[:opened]:
+        first.open(ctx, nodeid, os.O_RDONLY)
+    second = make()
+    records = read_journal(journal)
+    t = time.perf_counter()
+    out = second.restore(records)
+    replay = time.perf_counter() - t
+    first.destroy()
+    second.destroy()
+    return {"nodes": out["nodes"], "files_reopened": out["files_reopened"],
+            "journal_records": len(records), "journal_bytes": os.path.getsize(journal),
+            "lookup_us_without_journal": round(bare / nodes * 1e6, 1),
+            "lookup_us_with_journal": round(lookups / nodes * 1e6, 1),
+            "replay_ms": round(replay * 1000, 1)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memlend.bench.restart_probe",
                                  description=__doc__.split("\n")[0])  # fmt: skip
@@ -706,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the worker's local tier, as memlend mount --local-tier")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=1, help="repeat each variant N times")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--replay", nargs=2, type=int, metavar=("NODES", "OPEN"),
+                    help="instead: time replaying NODES nodeids and OPEN open files")  # fmt: skip
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--app", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mnt", help=argparse.SUPPRESS)
@@ -725,6 +772,10 @@ def main(argv: list[str] | None = None) -> int:
         print("restart_probe: needs root (mount(2), open_by_handle_at)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.replay:
+        with _base() as base:
+            print(json.dumps(replay_bench(*args.replay, base)))
+        return 0
     variants = VARIANTS if args.variant == "all" else (args.variant,)
     outcomes: list[Outcome] = []
     for variant in variants:
