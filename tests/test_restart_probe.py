@@ -2,7 +2,9 @@
 requests in its hands, a new one on the same /dev/fuse descriptor. Its findings, kept
 true: with the descriptor held, the journal replayed and FUSE_NOTIFY_RESEND, files open
 before the kill keep working and the requests in flight are answered (a non-idempotent
-one twice done); without the held descriptor the mount dies (docs/reliability.md)."""
+one twice done); a file unlinked while open survives only if the kernel (passthrough)
+or the supervisor (keep-fds) holds its inode; without the held descriptor the mount
+dies (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,16 @@ def test_a_new_worker_on_the_held_descriptor_serves_the_files_open_before(
         # backing id lives in the connection): it survives, and so does its handle.
         assert not failed, out
         assert out.worker2["files_reopened"] == 5 and out.worker2["passthrough_handles"] == 2
+
+
+def test_descriptors_kept_by_the_supervisor_save_a_file_unlinked_while_open(
+    tmp_path: Path,
+) -> None:
+    out = restart_probe.probe("keep-fds", str(tmp_path))
+    assert not is_mounted(tmp_path / "mnt")
+    assert out.in_flight["read"] == "answered", out
+    assert all(v == "ok" for v in out.checks.values()), out.checks
+    assert out.worker2["files_kept"] == 5 and out.worker2["handles_lost"] == 0, out
 
 
 def test_without_the_held_descriptor_the_mount_dies_with_its_worker(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ Variants (what the new worker does):
              unique with bit 63 set; the reply echoes it.
   standby    as resend, with the new worker started (interpreter and imports) before
              the kill and waiting: what a supervisor keeping a spare worker would see.
+  keep-fds   as resend, and the worker hands every backing descriptor it opens to the
+             supervisor (SCM_RIGHTS), which passes them on to the new worker: a file
+             unlinked while open keeps its inode.
   no-bit     as standby, but the replies other than READ's leave bit 63 out of the
              unique: must a reply echo it?
   no-resend  as resend without the notification: what happens to the request in flight.
@@ -44,6 +47,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +70,7 @@ from memlend.stats import MountStats
 NOTIFY_RESEND = 7  # FUSE_NOTIFY_RESEND, Linux 6.9 (protocol 7.40)
 UNIQUE_RESEND = 1 << 63  # FUSE_UNIQUE_RESEND: set in the unique of a resent request
 HAS_RESEND = 1 << 39  # FUSE_HAS_RESEND: offered by the kernel in INIT (information only)
-VARIANTS = ("resend", "standby", "no-bit", "no-resend", "handshake", "no-hold")
+VARIANTS = ("resend", "standby", "keep-fds", "no-bit", "no-resend", "handshake", "no-hold")
 ANSWER_WITHIN = 5.0  # seconds given to a request after the new worker is ready
 FUSECTL = "/sys/fs/fuse/connections"
 HELD = ("read", "write", "mkdir")  # the requests in the worker's hands when it dies
@@ -122,6 +126,8 @@ class JournaledPassthrough(Passthrough):
                 return mount_id
         return -1
 
+    keeper: socket.socket | None = None  # keep-fds: the supervisor's end
+
     def _remember(self, fd: int, st: os.stat_result) -> int:
         nodeid = super()._remember(fd, st)
         inode = self._inodes.get(nodeid)
@@ -139,11 +145,15 @@ class JournaledPassthrough(Passthrough):
     ) -> tuple[int, int]:
         fh, open_flags = super()._new_handle(fd, inode, st, flags, nodeid)
         self.journal.add("O", fh, nodeid, flags, self._handles[fh].backing)
+        if self.keeper is not None:  # before the reply: kept before the kernel knows fh
+            socket.send_fds(self.keeper, [f"O {fh}".encode()], [fd])
         return fh, open_flags
 
     def release(self, nodeid: int, fh: int) -> None:
         super().release(nodeid, fh)
         self.journal.add("R", fh)
+        if self.keeper is not None:
+            self.keeper.send(f"R {fh}".encode())
 
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> int:
         fh = super().opendir(ctx, nodeid, flags)
@@ -177,8 +187,12 @@ class JournaledPassthrough(Passthrough):
 
     # ---- the new worker: the dead one's identities back ----
 
-    def restore(self, records: list[list[str]]) -> dict[str, Any]:
-        """Rebuild nodeid -> inode and fh -> open file from the journal."""
+    def restore(
+        self, records: list[list[str]], kept: dict[int, int] | None = None
+    ) -> dict[str, Any]:
+        """Rebuild nodeid -> inode and fh -> open file from the journal; `kept`: fh ->
+        the dead worker's own descriptor, passed on by the supervisor (keep-fds)."""
+        kept = kept or {}
         nodes: dict[int, list[Any]] = {}  # nodeid -> [dev, ino, mount_id, handle, nlookup]
         handles: dict[int, tuple[str, int, int, int]] = {}  # fh -> kind nodeid flags backing
         for rec in records:
@@ -232,9 +246,13 @@ class JournaledPassthrough(Passthrough):
                     self._handles[fh] = DirHandle(fd)
                     out["dirs_reopened"] += 1
                     continue
-                fd = open_by_handle(
-                    inode.mount_fd, inode.handle, flags & _REOPEN_MASK | os.O_CLOEXEC
-                )
+                if fh in kept:  # the same open file: no reopen, alive even if unlinked
+                    fd = kept.pop(fh)
+                    out["files_kept"] = out.get("files_kept", 0) + 1
+                else:
+                    fd = open_by_handle(
+                        inode.mount_fd, inode.handle, flags & _REOPEN_MASK | os.O_CLOEXEC
+                    )
             except OSError as e:  # ESTALE: unlinked, its last descriptor died with the worker
                 out["handles_lost"] += 1
                 lost.append(errno.errorcode.get(e.errno or 0, str(e)))
@@ -315,6 +333,8 @@ def worker_main(args: argparse.Namespace) -> int:
                               "entry_timeout": ATTR_TIMEOUT, "auto_inval_data": not kernel,
                               "passthrough": kernel}  # fmt: skip
     info: dict[str, Any] = {}
+    if args.keeper >= 0:
+        fs.keeper = socket.socket(fileno=args.keeper)
     if args.restore:
         records = read_journal(args.journal)
         init = json.loads(next(" ".join(r[1:]) for r in records if r[0] == "I"))
@@ -335,7 +355,8 @@ def worker_main(args: argparse.Namespace) -> int:
         if session.passthrough:
             fs.use_passthrough(session)
         t = time.monotonic()
-        info.update(fs.restore(records))
+        kept = {int(k): v for k, v in json.loads(args.kept).items()} if args.kept else {}
+        info.update(fs.restore(records, kept))
         info["restore_ms"] = round((time.monotonic() - t) * 1000, 2)
         info["journal_records"] = len(records)
     else:
@@ -351,7 +372,7 @@ def worker_main(args: argparse.Namespace) -> int:
         info["kernel_offers_resend"] = bool(session.kernel_flags & HAS_RESEND)
         info["kernel_proto"] = list(session.kernel_proto)
     session.start()
-    if args.restore and args.variant in ("resend", "standby", "no-bit"):
+    if args.restore and args.variant in ("resend", "standby", "keep-fds", "no-bit"):
         out = wire.OUT_HEADER.pack(wire.OUT_HEADER.size, NOTIFY_RESEND, 0)
         t = time.monotonic()
         os.write(args.fd, out)
@@ -397,13 +418,48 @@ def _timed(fn: Callable[[], object], timeout: float) -> tuple[str, object]:
     return box[0] if box else ("hung", None)
 
 
-def _spawn(args: list[str], fd: int) -> subprocess.Popen[str]:
-    """This module in a new process; `fd` (if >= 0) is inherited: the same open file."""
+def _spawn(args: list[str], fd: int, extra: tuple[int, ...] = ()) -> subprocess.Popen[str]:
+    """This module in a new process; `fd` (if >= 0) is inherited: the same open file;
+    so are the descriptors `extra`."""
     cmd = [sys.executable, "-m", "memlend.bench.restart_probe", *args]
     if fd >= 0:
         cmd += ["--fd", str(fd)]
-    return subprocess.Popen(cmd, pass_fds=(fd,) if fd >= 0 else (), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    fds = ((fd,) if fd >= 0 else ()) + extra
+    return subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+class Keeper:
+    """The supervisor's side of keep-fds: holds the backing descriptor of every open fh
+    the worker sends (SCM_RIGHTS), drops it at the worker's release message."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.held: dict[int, int] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.theirs.close()  # the worker has it: its death ends _run
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            msg, fds, _, _ = socket.recv_fds(self.ours, 64, 1)
+            if not msg:
+                return
+            kind, fh = msg.decode().split()
+            if kind == "O" and fds:
+                self.held[int(fh)] = fds[0]
+            elif kind == "R" and int(fh) in self.held:
+                os.close(self.held.pop(int(fh)))
+
+    def close(self) -> None:
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
+        self.ours.close()
+        if self.theirs.fileno() >= 0:
+            self.theirs.close()
 
 
 def _ready(proc: subprocess.Popen[str], timeout: float, key: str = "ready") -> dict[str, Any]:
@@ -572,10 +628,16 @@ def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
     fd = mount(mnt, "memlend-restart-probe", max_read=1 << 20)
     conn = _connection(mnt)
     w1 = w2 = app = None
+    keeper = Keeper() if variant == "keep-fds" else None
     try:
         common = ["--backing", backing, "--journal", journal, "--variant", variant, "--tier", tier]
         hooks = ["--block-ino", str(block_ino), "--append-ino", str(append_ino), "--marker", marker]
-        w1 = _spawn(["--worker", *common, *hooks], fd)
+        if keeper is not None:
+            hooks += ["--keeper", str(keeper.theirs.fileno())]
+            w1 = _spawn(["--worker", *common, *hooks], fd, (keeper.theirs.fileno(),))
+            keeper.start()
+        else:
+            w1 = _spawn(["--worker", *common, *hooks], fd)
         out.worker1 = _ready(w1, 10)
         if not out.worker1.get("ready"):
             out.checks["worker 1 ready"] = str(out.worker1)
@@ -603,6 +665,13 @@ def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
             w2.stdin.flush()
             out.worker2 = _ready(w2, 10)
             out.times_ms["kill to worker 2 ready"] = round((time.monotonic() - t_kill) * 1000, 1)
+        elif keeper is not None:
+            keeper.thread.join(5)  # the dead worker's end closed: all its messages are in
+            kept = ["--kept", json.dumps(keeper.held)]
+            w2 = _spawn(["--worker", *common, "--restore", *kept], fd, tuple(keeper.held.values()))
+            keeper.close()  # the new worker has them now
+            out.worker2 = _ready(w2, 10)
+            out.times_ms["kill to worker 2 ready"] = round((time.monotonic() - t_kill) * 1000, 1)
         elif fd >= 0:
             w2 = _spawn(["--worker", *common, "--restore"], fd)
             out.worker2 = _ready(w2, 10)
@@ -616,6 +685,8 @@ def probe(variant: str, base: str, tier: str = "memlend") -> Outcome:
         out.times_ms.update(result.get("times_ms", {}))
     finally:
         out.aborted = _teardown(mnt, conn, fd, app, [w1, w2])
+        if keeper is not None:
+            keeper.close()
     if os.path.exists(journal + ".resent"):
         with open(journal + ".resent") as f:
             lines = f.read().split()
@@ -763,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-ino", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--append-ino", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--marker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--keeper", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--kept", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args)
