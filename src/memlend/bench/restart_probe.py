@@ -1,21 +1,25 @@
 """Can a FUSE mount keep serving across a daemon restart? A probe (root only).
 
-    python -m memlend.bench.restart_probe [--variant resend|no-resend|handshake|no-hold|all]
+    python -m memlend.bench.restart_probe [--variant VARIANT|all] [--tier memlend|kernel]
                                           [--rounds N] [--json]
+    python -m memlend.bench.restart_probe --replay NODES OPEN
 
 A supervisor (this process) mounts and keeps the /dev/fuse descriptor; it starts a
 worker (memlend's Session serving the real Passthrough operations, in a child
-process that inherits the same open /dev/fuse file) and plays an application: files
-open for reading and writing, a directory open, a file unlinked while open, and one
-read in flight that the worker holds (a test hook blocks reads of the file `slow`).
-Then it kills the worker with SIGKILL and starts a new one on the same descriptor,
-and measures what the application sees.
+process that inherits the same open /dev/fuse file) and an application (another
+process): files open for reading and writing, a directory open, a file unlinked while
+open, and three requests in flight that hooks of the worker hold (a read of `slow`
+before it is served; an O_APPEND write to `log` and a mkdir after they are done).
+Then it kills the worker with SIGKILL, starts a new one on the same descriptor, and
+reports what the application sees. Results: docs/reliability.md, "Restarting the
+daemon under a live mount".
 
 Identities across the restart: the worker appends every nodeid it gives the kernel
 (with the backing inode's file handle), every FORGET, and every open file and
-directory handle (fh, nodeid, open flags) to a journal file; the new worker replays
-it: nodeids map to the same file handles (reopened lazily, by open_by_handle_at), and
-each open fh is reopened by handle with the flags it was opened with.
+directory handle (fh, nodeid, open flags, passthrough backing id) to a journal file;
+the new worker replays it: nodeids map to the same file handles (reopened lazily, by
+open_by_handle_at), and each open fh is reopened by handle with the flags it was
+opened with. --replay times that replay at scale, without a mount.
 
 Variants (what the new worker does):
   resend     replays the journal, serves, then writes FUSE_NOTIFY_RESEND (code 7): the
