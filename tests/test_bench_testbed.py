@@ -276,6 +276,54 @@ def test_read_checker_catches_a_wrong_byte(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         return [int(x) for x in (tmp_path / "out").read_text().split()]
 
-    reads, nbytes, bad = checked("ref")
-    assert reads >= 1 and nbytes == 10000 and bad == 1
+    reads, nbytes, bad, apart = checked("ref")
+    assert reads >= 1 and nbytes == 10000 and bad == 1 and apart == 0
     assert checked("mnt")[2] == 0
+
+
+@needs_root
+@pytest.mark.skipif(
+    testbed.cgroup_version() != 1, reason="the checker reads apart on cgroup v1 only"
+)
+def test_read_checker_reads_the_reference_apart(tmp_path: Path) -> None:
+    """With MEMLEND_CHECK_TASKS the shim reads the reference files from a thread of
+    its own in that blkio group: the group counts their disk reads (none of the
+    checked program's), and a child forked after the first check reads apart too."""
+    shim = postmark.build_shim(tmp_path)
+    bed = testbed.Testbed(tmp_path / "bed").open()
+    try:
+        g = bed.io_group("check")
+        (tmp_path / "mnt").mkdir()
+        (tmp_path / "ref").mkdir()
+        data = os.urandom(300_000)
+        for d in ("mnt", "ref"):
+            (tmp_path / d / "f").write_bytes(data)
+        with open(tmp_path / "ref" / "f", "rb") as f:  # the reference from the disk
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        code = (
+            "import os\n"
+            f"p = {str(tmp_path / 'mnt' / 'f')!r}\n"
+            "open(p, 'rb', buffering=0).read()\n"
+            "if os.fork() == 0:\n"
+            "    open(p, 'rb', buffering=0).read(5000)\n"
+            "    os._exit(0)\n"
+            "assert os.wait()[1] == 0\n"
+        )
+        env = dict(
+            os.environ,
+            LD_PRELOAD=str(shim),
+            MEMLEND_CHECK_MNT=str(tmp_path / "mnt"),
+            MEMLEND_CHECK_REF=str(tmp_path / "ref"),
+            MEMLEND_CHECK_OUT=str(tmp_path / "out"),
+            MEMLEND_CHECK_TASKS=str(g.path("blkio") / "tasks"),
+        )
+        before = g.io_serviced(bed.disk)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+        reads, nbytes, bad, apart = (int(x) for x in (tmp_path / "out").read_text().split())
+        assert nbytes == len(data) and bad == 0 and apart == 1 and reads >= 1
+        ios, read_bytes = (a - b for a, b in zip(g.io_serviced(bed.disk), before, strict=True))
+        assert ios >= 1 and read_bytes >= 4096  # the reference's pages came from the disk here
+    finally:
+        bed.close()
+    assert not testbed.leftovers(os.getpid())

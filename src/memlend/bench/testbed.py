@@ -541,6 +541,17 @@ class Testbed:
         g.setup(cpu=cpu, memory=memory)
         return g
 
+    def io_group(self, role: str) -> Group:
+        """cgroup v1: a blkio group only (no memory or cpuset), never throttled, for
+        threads moved there from a process in another group: their disk reads are
+        then counted apart from that group's (io_serviced) and not throttled."""
+        assert self.cgroup == 1
+        self._n += 1
+        g = Group(f"{self.tag}-{role}-{self._n}", ("blkio",))
+        self.groups.append(g)
+        g.create()
+        return g
+
     def throttle(self, g: BaseGroup, iops: int | None, bps: int | None) -> None:
         """Cap (or uncap with None) reads of the backing disk by the group's processes."""
         g.throttle(self.disk, iops, bps)
