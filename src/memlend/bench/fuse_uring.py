@@ -1,6 +1,6 @@
 """FUSE over io_uring against classic /dev/fuse read()/writev(), same server, same run (issue 13).
 
-    .venv/bin/python -m memlend.bench.fuse_uring [--reads 10000] [--rounds 5] [--out FILE.json]
+    .venv/bin/python -m memlend.bench.fuse_uring [--reads 10000] [--rounds 7] [--out FILE.json]
 
 Needs root, /dev/fuse, gcc, taskset, and a kernel with FUSE over io_uring built in
 (/sys/module/fuse/parameters/enable_uring exists: Linux 6.14+, CONFIG_FUSE_IO_URING).
@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -167,6 +168,20 @@ def unmount(mnt: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` so far, ns (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def children_cpu_ns() -> int:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((ru.ru_utime + ru.ru_stime) * 1e9)
+
+
 def verify(path: str, src: Path, count: int = 64) -> bool:
     """Random 4 KiB blocks read through the mount (O_DIRECT) equal the source's."""
     import mmap
@@ -219,6 +234,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                             raise RuntimeError(f"{mode}: threads not on CPU {cpu}: {pins}")
                         if rnd == 0 and not verify(srv.path, src):
                             raise RuntimeError(f"{mode} returned wrong data")
+                        assert srv.proc is not None
+                        s0, c0 = cpu_ns(srv.proc.pid), children_cpu_ns()
                         r = ft.run_reader(
                             reader,
                             READER_CPU,
@@ -232,6 +249,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                             "--seed",
                             str(100 + rnd),
                         )
+                        s1, c1 = cpu_ns(srv.proc.pid), children_cpu_ns()
+                    reads = args.reads + args.warm
+                    r["server_cpu_ns_per_read"] = (s1 - s0) / reads
+                    r["reader_cpu_ns_per_read"] = (c1 - c0) / reads
                     r.update(mode=mode, server_cpu=cpu, round=rnd, threads=len(pins))
                     r["server"] = srv.counters
                     c = srv.counters
@@ -241,8 +262,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                         raise RuntimeError(f"classic mode used the ring: {c}")
                     res["runs"].append(r)
                     print(
-                        f"round {rnd} server CPU {cpu} {mode:8} p50 {r['median_ns'] / 1000:6.1f} "
-                        f"p99 {r['p99_ns'] / 1000:6.1f} mean {r['mean_ns'] / 1000:6.1f} µs  {c}",
+                        f"round {rnd} server CPU {cpu} {mode:11} p50 {r['median_ns'] / 1000:6.1f} "
+                        f"p99 {r['p99_ns'] / 1000:6.1f} mean {r['mean_ns'] / 1000:6.1f} µs; "
+                        "CPU/read "
+                        f"server {r['server_cpu_ns_per_read'] / 1000:.2f} reader "
+                        f"{r['reader_cpu_ns_per_read'] / 1000:.2f} µs; {c}",
                         flush=True,
                     )
     finally:
@@ -267,7 +291,8 @@ def summarize(res: dict, modes: list[str]) -> dict:
         for mode in modes:
             rs = [r for r in runs if r["mode"] == mode and r["server_cpu"] == cpu]
             med = {k: statistics.median(r[k] for r in rs) for k in ("median_ns", "p99_ns")}
-            med["mean_ns"] = statistics.median(r["mean_ns"] for r in rs)
+            for k in ("mean_ns", "server_cpu_ns_per_read", "reader_cpu_ns_per_read"):
+                med[k] = statistics.median(r[k] for r in rs)
             med["p50_runs_ns"] = [r["median_ns"] for r in rs]
             med["p99_runs_ns"] = [r["p99_ns"] for r in rs]
             out["modes"][f"{mode}/{cpu}"] = med
@@ -288,14 +313,17 @@ def markdown(res: dict) -> str:
     s = res["summary"]
     us = " ".join
     lines = [
-        "| server | server CPU | p50 µs | p99 µs | mean µs | p50 per round µs | p99 per round µs |",
-        "|---|---|---|---|---|---|---|",
+        "| server | server CPU | p50 µs | p99 µs | mean µs | server CPU µs/read | "
+        "reader CPU µs/read | p50 per round µs | p99 per round µs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, v in s["modes"].items():
         mode, cpu = key.split("/")
         lines.append(
             f"| {mode} | {cpu} | {v['median_ns'] / 1000:.1f} | {v['p99_ns'] / 1000:.1f} | "
-            f"{v['mean_ns'] / 1000:.1f} | {us(f'{x / 1000:.1f}' for x in v['p50_runs_ns'])} | "
+            f"{v['mean_ns'] / 1000:.1f} | {v['server_cpu_ns_per_read'] / 1000:.2f} | "
+            f"{v['reader_cpu_ns_per_read'] / 1000:.2f} | "
+            f"{us(f'{x / 1000:.1f}' for x in v['p50_runs_ns'])} | "
             f"{us(f'{x / 1000:.1f}' for x in v['p99_runs_ns'])} |"
         )
     lines += [
@@ -328,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reads", type=int, default=10000, help="timed 4 KiB reads per run")
     ap.add_argument("--warm", type=int, default=1000, help="untimed reads first")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of every (mode, server CPU)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of every (mode, server CPU)")
     ap.add_argument("--depth", type=int, default=4, help="ring entries per queue (power of 2)")
     ap.add_argument("--size-mib", type=int, default=64, help="file size (held in the server)")
     ap.add_argument(
