@@ -17,6 +17,11 @@ on CPU 0, then on CPU 1) with the server answering
 - libfuse: minimal_fuse.c (libfuse 3.14 low-level, single-threaded) as the anchor
            that ties these numbers to the other mount benchmarks (--no-libfuse skips it).
 
+Then (--no-concurrent skips it) two readers at once, one on each CPU, the servers not
+pinned by the script: classic with one and with two /dev/fuse threads, and both
+io_uring modes with queue q's thread pinned to CPU q (libfuse's layout); reads/s of
+the two together, and their p50/p99.
+
 The modes alternate (in order in even rounds, reversed in odd ones), a fresh
 mount each time. enable_uring is set to Y for the run (the kernel only offers
 FUSE_OVER_IO_URING in INIT when it is Y; a server that does not accept the flag
@@ -97,12 +102,15 @@ class Server:
         mode: str,
         src: Path,
         mnt: Path,
-        cpu: int,
+        cpu: int | None,
         depth: int,
         log: Path,
+        threads: int = 1,
+        pin_queues: bool = False,
     ) -> None:
         self.tools, self.mode, self.src, self.mnt = tools, mode, src, mnt
         self.cpu, self.depth, self.log = cpu, depth, log
+        self.threads, self.pin_queues = threads, pin_queues
         self.proc: subprocess.Popen[str] | None = None
         self.counters: dict[str, Any] = {}
 
@@ -121,9 +129,11 @@ class Server:
                 str(self.mnt),
                 self.mode,
                 str(self.depth),
+                str(self.threads),
+                "1" if self.pin_queues else "0",
             ]
         with open(self.log, "a") as log:
-            log.write(f"--- {self.mode} on CPU {self.cpu}\n")
+            log.write(f"--- {self.mode} on CPU {self.cpu}, {self.threads} thread(s)\n")
             log.flush()
             self.proc = subprocess.Popen(
                 [*ft.taskset(self.cpu), *cmd],
@@ -269,11 +279,107 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                         f"{r['reader_cpu_ns_per_read'] / 1000:.2f} µs; {c}",
                         flush=True,
                     )
-    finally:
         res["foreign_cpu"] = load.take()
+        if not args.no_concurrent:
+            res["concurrent"] = measure_concurrent(args, tools, work)
+            res["foreign_cpu_concurrent"] = load.take()
+    finally:
         load.stop()
     res["summary"] = summarize(res, modes)
     return res
+
+
+# The concurrent case: two readers at once, one on each CPU; servers not pinned by the
+# caller. name -> (uring_fuse mode, /dev/fuse threads, queue thread q pinned to CPU q)
+CONCURRENT = {
+    "classic": ("classic", 1, False),
+    "classic-2t": ("classic", 2, False),
+    "uring": ("uring", 1, True),
+    "uring-defer": ("uring-defer", 1, True),
+}
+
+
+def reader_pair(reader: str, path: str, reads: int, warm: int, seed: int) -> dict:
+    """Readers on CPU 0 and CPU 1 at once; their results and the reads/s of both together."""
+    procs = [
+        subprocess.Popen(
+            [
+                *ft.taskset(cpu),
+                reader,
+                "rand",
+                path,
+                "--direct",
+                "--n",
+                str(reads),
+                "--warm-rand",
+                str(warm),
+                "--seed",
+                str(seed + cpu),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for cpu in (0, 1)
+    ]
+    res = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"reader failed ({p.returncode})")
+        res.append(json.loads(out))
+    return {
+        "readers": res,
+        "reads_per_s": sum(r["n"] / r["wall_ns"] * 1e9 for r in res),
+        "p50_ns": statistics.mean(r["median_ns"] for r in res),
+        "p99_ns": statistics.mean(r["p99_ns"] for r in res),
+    }
+
+
+def measure_concurrent(args: argparse.Namespace, tools: dict[str, str], work: Path) -> dict:
+    src, mnt, log = work / "data.bin", work / "mnt", work / "server.log"
+    names = list(CONCURRENT)
+    runs = []
+    for rnd in range(args.rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            mode, threads, pin = CONCURRENT[name]
+            with Server(tools, mode, src, mnt, None, args.depth, log, threads, pin) as srv:
+                assert srv.proc is not None
+                s0 = cpu_ns(srv.proc.pid)
+                r = reader_pair(tools["reader"], srv.path, args.reads, args.warm, 200 + rnd)
+                r["server_cpu_ns_per_read"] = (cpu_ns(srv.proc.pid) - s0) / (
+                    2 * (args.reads + args.warm)
+                )
+            c = srv.counters
+            if mode in URING_MODES and c.get("ring_requests", 0) < 2 * args.reads:
+                raise RuntimeError(f"{name}: the reads did not use the ring: {c}")
+            r.update(mode=name, round=rnd, server=c)
+            runs.append(r)
+            print(
+                f"concurrent round {rnd} {name:11} {r['reads_per_s']:8.0f} reads/s, p50 "
+                f"{r['p50_ns'] / 1000:5.1f} p99 {r['p99_ns'] / 1000:6.1f} µs (mean of the two "
+                f"readers); server CPU/read {r['server_cpu_ns_per_read'] / 1000:.2f} µs; {c}",
+                flush=True,
+            )
+    summary: dict = {}
+    for name in names:
+        rs = [r for r in runs if r["mode"] == name]
+        summary[name] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("reads_per_s", "p50_ns", "p99_ns", "server_cpu_ns_per_read")
+        }
+        summary[name]["reads_per_s_runs"] = [round(r["reads_per_s"]) for r in rs]
+    for base in ("classic", "classic-2t"):
+        for name in URING_MODES:
+            per_round = [
+                next(r for r in runs if r["mode"] == name and r["round"] == i)["reads_per_s"]
+                / next(r for r in runs if r["mode"] == base and r["round"] == i)["reads_per_s"]
+                for i in range(args.rounds)
+            ]
+            summary[f"{name}/{base}"] = {
+                "median": statistics.median(per_round),
+                "rounds": [round(x, 3) for x in per_round],
+            }
+    return {"runs": runs, "summary": summary}
 
 
 def summarize(res: dict, modes: list[str]) -> dict:
@@ -341,10 +447,39 @@ def markdown(res: dict) -> str:
     f = res.get("foreign_cpu", {})
     lines += [
         "",
-        f"Other processes' CPU time during the run: {f.get('cpu_seconds')} s "
+        f"Other processes' CPU time during the one-reader runs: {f.get('cpu_seconds')} s "
         f"(top: {f.get('top')}).",
-        f"Command: `{res['command']}`; started {res['started']}.",
     ]
+    if "concurrent" in res:
+        cs = res["concurrent"]["summary"]
+        lines += [
+            "",
+            "Two readers at once (CPU 0 and CPU 1), servers not pinned (uring: queue q's "
+            "thread on CPU q):",
+            "",
+            "| server | reads/s, both readers | p50 µs | p99 µs | server CPU µs/read | "
+            "reads/s per round |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in CONCURRENT:
+            v = cs[name]
+            lines.append(
+                f"| {name} | {v['reads_per_s']:.0f} | {v['p50_ns'] / 1000:.1f} | "
+                f"{v['p99_ns'] / 1000:.1f} | {v['server_cpu_ns_per_read'] / 1000:.2f} | "
+                f"{us(str(x) for x in v['reads_per_s_runs'])} |"
+            )
+        lines += ["", "| reads/s ratio | median | per round |", "|---|---|---|"]
+        for key, v in cs.items():
+            if "/" in key:
+                rounds = us(f"{x:.2f}" for x in v["rounds"])
+                lines.append(f"| {key} | {v['median']:.2f}x | {rounds} |")
+        f = res.get("foreign_cpu_concurrent", {})
+        lines += [
+            "",
+            f"Other processes' CPU time during the two-reader runs: {f.get('cpu_seconds')} s "
+            f"(top: {f.get('top')}).",
+        ]
+    lines += ["", f"Command: `{res['command']}`; started {res['started']}."]
     return "\n".join(lines)
 
 
@@ -365,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="SECONDS",
         help="first wait up to this long for other processes to use under 5%% of a CPU",
+    )
+    ap.add_argument(
+        "--no-concurrent", action="store_true", help="skip the two-reader throughput runs"
     )
     ap.add_argument("--no-libfuse", action="store_true", help="skip the minimal_fuse anchor")
     ap.add_argument("--out", default="fuse_uring.json", help="JSON results file")

@@ -4,7 +4,7 @@
  * FUSE_OVER_IO_URING), so the two transports can be timed against each other with
  * everything else equal. memlend.bench.fuse_uring builds and drives it (issue 13).
  *
- *   uring_fuse SRCFILE MOUNTPOINT classic|uring|uring-defer [QUEUE_DEPTH]
+ *   uring_fuse SRCFILE MOUNTPOINT classic|uring|uring-defer [QUEUE_DEPTH [THREADS [PIN]]]
  *
  * It serves one read-only regular file, MOUNTPOINT/data, whose bytes are SRCFILE
  * loaded into memory at start; OPEN replies FOPEN_DIRECT_IO (as memlend does), so
@@ -12,8 +12,8 @@
  * /dev/fuse itself (needs root) and handles INIT, LOOKUP, GETATTR, OPEN(DIR), READ,
  * READDIR (empty), STATFS, FLUSH, RELEASE(DIR), FORGET; anything else gets ENOSYS.
  *
- * classic: one thread, read(/dev/fuse) then writev(/dev/fuse) per request (what
- *          libfuse's single-threaded loop and memlend's threads do).
+ * classic: THREADS threads (default 1), each read(/dev/fuse) then writev(/dev/fuse)
+ *          per request (what libfuse's loops and memlend's workers do).
  * uring:   INIT goes over /dev/fuse as always; the INIT reply sets FUSE_OVER_IO_URING
  *          (bit 41 of the 64-bit flags, in flags2 with FUSE_INIT_EXT). Then one thread
  *          per possible CPU (the kernel keeps one queue per possible CPU and routes a
@@ -32,7 +32,8 @@
  *          to it (TWA_SIGNAL) as with the default flags, which libfuse uses.
  * Raw syscalls only (io_uring_setup/io_uring_enter + mmap), no liburing.
  *
- * Pinning is the caller's (taskset): every thread inherits it. Runs until unmounted;
+ * Pinning is the caller's (taskset): every thread inherits it; with PIN = 1, queue
+ * thread q pins itself to CPU q instead (libfuse's layout for io_uring). Runs until unmounted;
  * then prints one JSON line of counters to stdout (requests seen per transport) and
  * exits 0. Exit 3: the kernel did not offer FUSE_OVER_IO_URING (enable_uring=N).
  *
@@ -47,6 +48,7 @@
 #include <linux/fuse.h>
 #include <linux/io_uring.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -104,6 +106,8 @@ static int fuse_fd = -1;
 static int uring_mode;
 static int defer_taskrun;
 static unsigned depth = 4;
+static int classic_threads = 1;
+static int pin_queues;
 static int nqueues;
 static atomic_ulong dev_requests, ring_requests, ring_errors;
 
@@ -337,6 +341,13 @@ static void *queue_thread(void *arg)
 {
     struct queue *q = arg;
     size_t payload_sz = MAX_WRITE > MAX_PAGES * 4096 ? MAX_WRITE : MAX_PAGES * 4096;
+    if (pin_queues) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(q->qid, &set);
+        if (sched_setaffinity(0, sizeof(set), &set) != 0)
+            die("sched_setaffinity");
+    }
     queue_setup(q);
     q->ents = aligned_alloc(64, sizeof(struct ent) * depth);
     if (!q->ents)
@@ -485,18 +496,33 @@ static void dev_loop(void)
     }
 }
 
+static void *dev_thread(void *arg)
+{
+    (void)arg;
+    dev_loop();
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4 || (strcmp(argv[3], "classic") && strcmp(argv[3], "uring") &&
                      strcmp(argv[3], "uring-defer"))) {
         fprintf(stderr, "usage: uring_fuse SRCFILE MOUNTPOINT classic|uring|uring-defer "
-                        "[QUEUE_DEPTH]\n");
+                        "[QUEUE_DEPTH [THREADS [PIN]]]\n");
         return 2;
     }
     defer_taskrun = !strcmp(argv[3], "uring-defer");
     uring_mode = !strcmp(argv[3], "uring") || defer_taskrun;
     if (argc > 4)
         depth = (unsigned)atoi(argv[4]);
+    if (argc > 5)
+        classic_threads = atoi(argv[5]);
+    if (argc > 6)
+        pin_queues = atoi(argv[6]);
+    if (classic_threads < 1 || classic_threads > 64) {
+        fprintf(stderr, "uring_fuse: THREADS must be in 1..64\n");
+        return 2;
+    }
     if (depth < 1 || depth > 256 || (depth & (depth - 1))) {
         fprintf(stderr, "uring_fuse: QUEUE_DEPTH must be a power of two in 1..256\n");
         return 2;
@@ -527,12 +553,18 @@ int main(int argc, char **argv)
              "fd=%d,rootmode=40000,user_id=0,group_id=0,max_read=%u", fuse_fd, MAX_WRITE);
     if (mount("uring_fuse", argv[2], "fuse.uring_fuse", MS_NOSUID | MS_NODEV, opts) != 0)
         die("mount");
+    for (int i = 1; i < classic_threads && !uring_mode; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, dev_thread, NULL))
+            die("pthread_create");
+        pthread_detach(t);
+    }
     dev_loop();
     /* Unmounted: the queue threads have seen ENOTCONN (or will); report and go. */
     printf("{\"mode\": \"%s\", \"dev_requests\": %lu, \"ring_requests\": %lu, "
-           "\"ring_errors\": %lu, \"queues\": %d, \"depth\": %u}\n",
+           "\"ring_errors\": %lu, \"queues\": %d, \"depth\": %u, \"dev_threads\": %d}\n",
            argv[3], atomic_load(&dev_requests), atomic_load(&ring_requests),
-           atomic_load(&ring_errors), nqueues, depth);
+           atomic_load(&ring_errors), nqueues, depth, uring_mode ? 1 : classic_threads);
     fflush(stdout);
     return 0;
 }
