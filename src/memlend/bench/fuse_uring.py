@@ -14,6 +14,9 @@ on CPU 0, then on CPU 1) with the server answering
            COMMIT_AND_FETCH io_uring_enter() per request (ring flags as libfuse's);
 - uring-defer: the same rings set up with IORING_SETUP_SINGLE_ISSUER |
            IORING_SETUP_DEFER_TASKRUN;
+- py-classic, py-uring: the same server in Python (uring_fuse_py.py): os.readv +
+           os.writev as memlend's loop, or the ring through ctypes and mmap with
+           DEFER_TASKRUN (--no-python skips them);
 - libfuse: minimal_fuse.c (libfuse 3.14 low-level, single-threaded) as the anchor
            that ties these numbers to the other mount benchmarks (--no-libfuse skips it).
 
@@ -56,7 +59,9 @@ ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 READER_CPU = 0
 SERVER_CPUS = (0, 1)
 MODES = ("classic", "uring", "uring-defer")
-URING_MODES = ("uring", "uring-defer")
+URING_MODES = ("uring", "uring-defer", "py-uring")
+# (classic, io_uring) pairs compared round by round
+PAIRS = (("classic", "uring"), ("classic", "uring-defer"), ("py-classic", "py-uring"))
 
 
 def build(work: Path) -> dict[str, str]:
@@ -122,6 +127,9 @@ class Server:
         if self.mode == "libfuse":
             cmd = [self.tools["minimal_fuse"], str(self.src), str(self.mnt)]
             cmd += ["-o", "max_read=1048576,fsname=minimal_fuse"]
+        elif self.mode.startswith("py-"):
+            cmd = [sys.executable, "-m", "memlend.bench.uring_fuse_py", str(self.src)]
+            cmd += [str(self.mnt), self.mode[3:]]
         else:
             cmd = [
                 self.tools["uring_fuse"],
@@ -219,7 +227,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     src, mnt, log = work / "data.bin", work / "mnt", work / "server.log"
     mnt.mkdir()
     ft.make_file(src, args.size_mib * MiB, 13)
-    modes = list(MODES) + (["libfuse"] if "minimal_fuse" in tools and not args.no_libfuse else [])
+    modes = list(MODES) + ([] if args.no_python else ["py-classic", "py-uring"])
+    modes += ["libfuse"] if "minimal_fuse" in tools and not args.no_libfuse else []
     res: dict = {
         "machine": {**ft.machine(), "cc": tools["cc"]},
         "command": " ".join(["python -m memlend.bench.fuse_uring", *sys.argv[1:]]),
@@ -369,7 +378,7 @@ def measure_concurrent(args: argparse.Namespace, tools: dict[str, str], work: Pa
         }
         summary[name]["reads_per_s_runs"] = [round(r["reads_per_s"]) for r in rs]
     for base in ("classic", "classic-2t"):
-        for name in URING_MODES:
+        for name in ("uring", "uring-defer"):
             per_round = [
                 next(r for r in runs if r["mode"] == name and r["round"] == i)["reads_per_s"]
                 / next(r for r in runs if r["mode"] == base and r["round"] == i)["reads_per_s"]
@@ -402,13 +411,15 @@ def summarize(res: dict, modes: list[str]) -> dict:
             med["p50_runs_ns"] = [r["median_ns"] for r in rs]
             med["p99_runs_ns"] = [r["p99_ns"] for r in rs]
             out["modes"][f"{mode}/{cpu}"] = med
-        for mode in URING_MODES:
+        for base, mode in PAIRS:
+            if mode not in modes:
+                continue
             ratios: dict[str, list[float]] = {"p50": [], "p99": [], "mean": []}
             for rnd in range(res["rounds"]):
-                c, u = run("classic", cpu, rnd), run(mode, cpu, rnd)
+                c, u = run(base, cpu, rnd), run(mode, cpu, rnd)
                 for key, field in (("p50", "median_ns"), ("p99", "p99_ns"), ("mean", "mean_ns")):
                     ratios[key].append(c[field] / u[field])
-            out["ratios"][f"{mode}/{cpu}"] = {
+            out["ratios"][f"{base} / {mode}/{cpu}"] = {
                 k: {"median": statistics.median(v), "rounds": [round(x, 3) for x in v]}
                 for k, v in ratios.items()
             }
@@ -424,7 +435,7 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, v in s["modes"].items():
-        mode, cpu = key.split("/")
+        mode, cpu = key.rsplit("/", 1)
         lines.append(
             f"| {mode} | {cpu} | {v['median_ns'] / 1000:.1f} | {v['p99_ns'] / 1000:.1f} | "
             f"{v['mean_ns'] / 1000:.1f} | {v['server_cpu_ns_per_read'] / 1000:.2f} | "
@@ -434,11 +445,11 @@ def markdown(res: dict) -> str:
         )
     lines += [
         "",
-        "| classic / ... | server CPU | p50 | p99 | mean | p50 per round | p99 per round |",
+        "| ratio | server CPU | p50 | p99 | mean | p50 per round | p99 per round |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, r in s["ratios"].items():
-        mode, cpu = key.split("/")
+        mode, cpu = key.rsplit("/", 1)
         lines.append(
             f"| {mode} | {cpu} | {r['p50']['median']:.2f}x | {r['p99']['median']:.2f}x | "
             f"{r['mean']['median']:.2f}x | {us(f'{x:.2f}' for x in r['p50']['rounds'])} | "
@@ -500,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="SECONDS",
         help="first wait up to this long for other processes to use under 5%% of a CPU",
+    )
+    ap.add_argument(
+        "--no-python", action="store_true", help="skip the Python servers (uring_fuse_py)"
     )
     ap.add_argument(
         "--no-concurrent", action="store_true", help="skip the two-reader throughput runs"
