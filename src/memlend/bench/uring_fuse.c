@@ -35,7 +35,8 @@
  * Pinning is the caller's (taskset): every thread inherits it; with PIN = 1, queue
  * thread q pins itself to CPU q instead (libfuse's layout for io_uring). Runs until unmounted;
  * then prints one JSON line of counters to stdout (requests seen per transport) and
- * exits 0. Exit 3: the kernel did not offer FUSE_OVER_IO_URING (enable_uring=N).
+ * exits 0. Exit 3: the kernel did not offer FUSE_OVER_IO_URING (enable_uring=N); on
+ * that and every other failure after mounting it detaches the mount first.
  *
  * The FUSE-over-io_uring structs and command numbers below are those of the kernel's
  * include/uapi/linux/fuse.h (7.42+); the system header may predate them.
@@ -110,11 +111,19 @@ static int classic_threads = 1;
 static int pin_queues;
 static int nqueues;
 static atomic_ulong dev_requests, ring_requests, ring_errors;
+static const char *mountpoint; /* set once mounted: failing exits detach it */
+
+static void fail(int code)
+{
+    if (mountpoint)
+        umount2(mountpoint, MNT_DETACH);
+    exit(code);
+}
 
 static void die(const char *what)
 {
     fprintf(stderr, "uring_fuse: %s: %s\n", what, strerror(errno));
-    exit(1);
+    fail(1);
 }
 
 /* ---- request handling, shared by both transports -------------------------------- */
@@ -443,7 +452,7 @@ static void init(const struct fuse_in_header *in, const struct fuse_init_in *ii)
                             "(INIT flags 0x%llx; /sys/module/fuse/parameters/enable_uring "
                             "is N?)\n",
                     (unsigned long long)offered);
-            exit(3);
+            fail(3);
         }
         want |= FUSE_OVER_IO_URING;
     }
@@ -553,6 +562,7 @@ int main(int argc, char **argv)
              "fd=%d,rootmode=40000,user_id=0,group_id=0,max_read=%u", fuse_fd, MAX_WRITE);
     if (mount("uring_fuse", argv[2], "fuse.uring_fuse", MS_NOSUID | MS_NODEV, opts) != 0)
         die("mount");
+    mountpoint = argv[2];
     for (int i = 1; i < classic_threads && !uring_mode; i++) {
         pthread_t t;
         if (pthread_create(&t, NULL, dev_thread, NULL))

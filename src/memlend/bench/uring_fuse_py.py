@@ -71,6 +71,7 @@ class Server:
         self.size = len(self.data)
         self.view = memoryview(self.data)
         self.mode = mode
+        self.mnt = mnt
         self.fd = mount(mnt, "uring_fuse_py", max_read=MAX_WRITE, allow_other=False)
         self.dev_requests = 0
         self.ring_requests = 0
@@ -152,6 +153,7 @@ class Server:
         want = FUSE_MAX_PAGES | FUSE_INIT_EXT | (FUSE_OVER_IO_URING if self.mode == "uring" else 0)
         if want & FUSE_OVER_IO_URING and not offered & FUSE_OVER_IO_URING:
             print("uring_fuse_py: the kernel did not offer FUSE_OVER_IO_URING", file=sys.stderr)
+            _libc.umount2(self.mnt.encode(), 2)  # MNT_DETACH: leave no dead mount behind
             os._exit(3)
         want &= offered
         out = INIT_OUT.pack(
