@@ -6,7 +6,6 @@ handles of an inode in one mode) never turns an open into EIO."""
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount
-from test_mount_remote import all_active, delta, remote_opts, settle, stats
+from test_mount_remote import remote_opts
 
 pytestmark = [
     pytest.mark.tiers("kernel"),
@@ -165,40 +164,3 @@ def test_lent_blocks_of_a_file_written_in_passthrough_are_never_served(
     finally:
         os.close(fd)
     assert read(m.mnt / "f") == new
-
-
-def test_a_file_written_in_passthrough_is_lent_at_close_and_read_from_the_lender(
-    mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
-) -> None:
-    """The daemon never reads a file the kernel wrote in passthrough, so it lends it
-    when the writer closes; once the backing store's page cache has dropped it, a
-    reader goes through the mount's page cache and its misses are lender hits (with
-    the C read path: issue 13), never the disk and never an older version."""
-    m = mount_factory(*remote_opts(lender_factory().url, seal=seal_key_file, secret=secret_file))
-    all_active(m)
-    bs = m.stats()["block_size"] or 16 * KiB
-    for round_ in range(2):  # the second write makes a new version, lent again
-        data = os.urandom(200 * KiB + round_)
-        write(m.mnt / "f", data)
-        nblocks = -(-len(data) // bs)
-        settle(m)
-        before = stats(m)
-        fd = os.open(m.backing / "f", os.O_RDONLY)  # its pages go, as under pressure
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        got = bytearray()
-        fd = os.open(m.mnt / "f", os.O_RDONLY | os.O_DIRECT)  # a READ per 4 KiB
-        try:
-            buf = mmap.mmap(-1, 4 * KiB)
-            while n := os.readv(fd, [buf]):
-                got += buf[:n]
-        finally:
-            os.close(fd)
-        d = delta(before, stats(m))
-        assert bytes(got) == data
-        assert before["written_blocks_lent"] >= nblocks * (round_ + 1), before
-        assert d["disk_reads"] == 0 and d["remote_hits"] >= len(data) // (4 * KiB), d
-        assert read(m.mnt / "f") == data

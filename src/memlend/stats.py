@@ -18,7 +18,6 @@ COUNTERS = (
     "writes",
     "write_bytes",
     "passthrough_opens",
-    "written_blocks_lent",
     "remote_hits",
     "remote_misses",
 )

@@ -650,12 +650,8 @@ class Passthrough(Operations):
         Counts the handle in its inode's IoMode."""
         state = h.state
         small = st.st_size < PASSTHROUGH_MAX
-        # With a lender, a file written in passthrough was lent at its writer's close
-        # (_lend_written): once its pages left the backing store's page cache, a reader
-        # goes through the mount's, where a miss is asked of the lender, not the disk.
         suits = not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (
-            (state.passed and self.remote is None)
-            or ((small or state.passed) and (h.writes or backing_cached(h.fd)))
+            state.passed or (small and (h.writes or backing_cached(h.fd)))
         )
         with self._lock:
             m = self._io.get(state.key)
@@ -709,41 +705,6 @@ class Passthrough(Operations):
             st = os.fstat(h.fd)
             self._changed(h.state, 0, max(h.state.size, st.st_size), st)
             h.state.outside += 1
-            if close and self.remote is not None:
-                self._lend_written(h)
-
-    def _lend_written(self, h: Handle) -> None:
-        """Lend the file the kernel has just written in passthrough, at its new version:
-        the daemon never reads it from the disk, so this is its only chance to reach
-        a lender before the page cache drops it (Postmark's files: written once, read
-        later). Only pages still in the backing store's page cache are read
-        (RWF_NOWAIT: no disk I/O here); the puts are queued, never waited for."""
-        state, remote = h.state, self.remote
-        if remote is None or state.size > PASSTHROUGH_MAX:
-            return
-        try:
-            fd = os.open(_proc(h.inode.fd), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # removed meanwhile: nothing to lend
-        bs, version, lent = self.reader.bs, state.version, 0
-        buf = bytearray(bs)
-        try:
-            for block in range(-(-state.size // bs)):
-                try:
-                    n = os.preadv(fd, [buf], block * bs, os.RWF_NOWAIT)
-                except OSError:  # EAGAIN: not in the page cache (any more)
-                    continue
-                if n:
-                    remote.put(remote_key(self.reader.epoch, state.file_id, version, block),
-                               bytes(buf[:n]))  # fmt: skip
-                    lent += 1
-        finally:
-            os.close(fd)
-        if lent and state.version == version:
-            self.stats.add("written_blocks_lent", lent)
-            state.lent_version = version
-            if self.fast is not None:
-                self.fast.sync(state)
 
     def _backing_flags(self, flags: int) -> int:
         if self.writeback:

@@ -31,11 +31,6 @@ _COUNTERS = (
         "passthrough_opens",
         "Opens the kernel serves itself from the backing file (FUSE passthrough)",
     ),
-    (
-        "memlend_written_blocks_lent",
-        "written_blocks_lent",
-        "Blocks of files written in passthrough lent at their writer's close",
-    ),
     ("memlend_remote_queue_hits", "remote_queue_hits", "Reads answered from the put queue"),
     ("memlend_remote_puts_skipped", "remote_put_skipped", "Puts skipped: the lender has it"),
     ("memlend_remote_errors", "remote_errors", "Failed lender calls (read as misses)"),
