@@ -189,7 +189,6 @@ def test_metrics_match_stats_and_reads(
 
 
 @pytest.mark.tiers("memlend")
-@pytest.mark.xdist_group("testbed")  # not beside the testbed's runs, which load the machine
 def test_stats_watch_redraws_and_exits(mount_factory) -> None:
     m = mount_factory("--cache-size", "8M", "--block-size", "4K")
     (m.backing / "f").write_bytes(os.urandom(1 << 16))
@@ -198,9 +197,14 @@ def test_stats_watch_redraws_and_exits(mount_factory) -> None:
     assert out.stdout.count("local misses") >= 1 and "per second" in out.stdout
     assert out.stderr == ""
 
-    # Ctrl-C is the usual way out: exit 0, no traceback.
+    # Ctrl-C is the usual way out: exit 0, no traceback; also when started with SIGINT
+    # ignored, as a background job of a script is (it used to hang there).
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen([*MEMLEND, "stats", str(m.mnt), "--watch", "--interval", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint)  # fmt: skip
     try:
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)

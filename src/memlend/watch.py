@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -53,6 +55,10 @@ def watch(
     """Redraw until Ctrl-C (a normal way out: exit 0), or after `count` redraws."""
     before, t0 = None, time.monotonic()
     shown = 0
+    # Installed explicitly: started as a background job of a script, this process
+    # inherits SIGINT ignored, and Ctrl-C (or kill -INT) would never end the watch.
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
     try:
         with Live(console=console or Console(), auto_refresh=False) as live:
             while True:
@@ -65,4 +71,7 @@ def watch(
                 time.sleep(interval)
     except KeyboardInterrupt:
         pass
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
     return 0
