@@ -188,8 +188,10 @@ def test_kill_9_during_gets_then_restart_on_the_same_port(lenders, secret) -> No
                 t.join(10)
         assert not errors, errors
         assert len(times) > 50
-        # Three threads share two CPUs with the test: allow scheduling slack.
-        assert max(times) < deadline + 0.1, f"slowest get_many {max(times) * 1e3:.1f} ms"
+        # Three threads share two CPUs with the test and, in the suite, another test:
+        # allow scheduling slack (175 ms seen under load), far below what a wait for
+        # a dead lender would cost (the 2 s connect time-out).
+        assert max(times) < deadline + 0.5, f"slowest get_many {max(times) * 1e3:.1f} ms"
         assert tier.get_many(keys[:32]) == {}
         s = tier.snapshot()
         assert s["lenders"][0]["errors"] >= 1 and s["lenders"][0]["last_error"], s
