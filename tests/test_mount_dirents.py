@@ -64,9 +64,16 @@ def test_listed_inodes_are_forgotten(mount: Mount) -> None:
     for i in range(3000):
         (d / f"f{i}").write_bytes(b"z")
     before = mount.stats()["inodes"]
-    subprocess.run(["ls", "-l", str(mount.mnt / "many")], stdout=subprocess.DEVNULL, check=True)
-    # The entries came with their inodes.
-    assert mount.stats()["inodes"] > before + 100
+    # The entries came with their inodes. Something else on the machine can make the
+    # kernel forget them at once (seen in the suite, not found): look again, at most
+    # five times, so that the test never passes without having seen them known.
+    for _ in range(5):
+        subprocess.run(["ls", "-l", str(mount.mnt / "many")], stdout=subprocess.DEVNULL,
+                       check=True)  # fmt: skip
+        known = mount.stats()["inodes"]
+        if known > before + 100:
+            break
+    assert known > before + 100
     # The kernel lets go of its dentries and inodes: it FORGETs exactly what it got,
     # so the daemon's table shrinks back (a miscount would keep them, or lose one in use).
     deadline = time.monotonic() + 20
