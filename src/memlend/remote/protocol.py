@@ -276,13 +276,19 @@ def _encode_keys(keys: Sequence[bytes]) -> list[bytes]:
 # same checks (tests/test_remote_protocol.py fuzzes both against the same rules).
 
 
-def _decode_keys(payload: memoryview) -> list[bytes]:
+def _count(payload: memoryview) -> tuple[int, int]:
+    """(size, item count) of a GET, GET_REPLY or PUT payload, the count checked."""
     size = len(payload)
     if size < 2:
         raise ProtocolError("truncated message")
     n = _U16.unpack_from(payload)[0]
     if n > MAX_KEYS:
         raise ProtocolError(f"{n} keys in one message (at most {MAX_KEYS})")
+    return size, n
+
+
+def _decode_keys(payload: memoryview) -> list[bytes]:
+    size, n = _count(payload)
     keys, pos = [], 2
     for _ in range(n):
         if pos >= size:
@@ -300,12 +306,7 @@ def _decode_keys(payload: memoryview) -> list[bytes]:
 
 
 def _decode_values(payload: memoryview) -> list[bytes | None]:
-    size = len(payload)
-    if size < 2:
-        raise ProtocolError("truncated message")
-    n = _U16.unpack_from(payload)[0]
-    if n > MAX_KEYS:
-        raise ProtocolError(f"{n} keys in one message (at most {MAX_KEYS})")
+    size, n = _count(payload)
     values: list[bytes | None] = []
     pos = 2
     for _ in range(n):
@@ -333,12 +334,7 @@ def _decode_values(payload: memoryview) -> list[bytes | None]:
 def _decode_put(payload: memoryview) -> list[tuple[bytes, bytes | memoryview]]:
     """A PUT payload's (key, value) items, each value a slice of `payload` (a view:
     the store copies it once, into its slot)."""
-    size = len(payload)
-    if size < 2:
-        raise ProtocolError("truncated message")
-    n = _U16.unpack_from(payload)[0]
-    if n > MAX_KEYS:
-        raise ProtocolError(f"{n} keys in one message (at most {MAX_KEYS})")
+    size, n = _count(payload)
     items: list[tuple[bytes, bytes | memoryview]] = []
     pos = 2
     for _ in range(n):
