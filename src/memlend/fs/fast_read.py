@@ -27,8 +27,6 @@ from memlend.remote.health import ACTIVE
 from memlend.remote.sockio import RemoteError, RemoteTimeout
 from memlend.remote.tier import POOL_IDLE
 
-_READ = int(Op.READ)
-
 if TYPE_CHECKING:
     import mmap
     from types import ModuleType
@@ -37,6 +35,8 @@ if TYPE_CHECKING:
     from memlend.remote.client import LenderClient
     from memlend.remote.tier import RemoteTier
     from memlend.stats import MountStats
+
+_READ = int(Op.READ)
 
 
 def why_not(lib: ModuleType | None, remote: RemoteTier | None, kernel_tier: bool) -> str:
@@ -71,7 +71,7 @@ class FastReads:
         self._next_slot = 1  # 0: no slot
         self._lock = threading.Lock()
         lib.read_setup(shift, epoch)
-        sealer = remote._sealer
+        sealer = remote.sealer
         sealer.on_rekey = lambda: lib.read_keys(*sealer.keys())
         sealer.on_rekey()
         self.lender.health.on_change = self._lender_changed

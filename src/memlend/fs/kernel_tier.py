@@ -61,7 +61,11 @@ class KernelReadPath(ReadPath):
         if remote is not None and state.lent_version == version:
             if count == 1:
                 key = remote_key(self.epoch, state.file_id, version, first)
-                lens[0] = remote.queued(key, out[:bs]) if asked else remote.get_one(key, out[:bs])
+                if asked:  # the lender said no already: only the put queue is left
+                    queued = remote.queued(key, out[:bs])
+                    lens[0] = -1 if queued is None else queued
+                else:
+                    lens[0] = remote.get_one(key, out[:bs])
             elif self.gate.ask():
                 self._ask_remote_timed(state.file_id, version, first, lens, out)
         if -1 in lens:

@@ -404,11 +404,10 @@ class RemoteTier:
         its length, or -1 if no lender has it (out's bytes are then undefined).
         get_many for the commonest call (a small read that misses one block), without
         its lists and dicts. Never raises."""
-        pending, inflight = self._pending, self._inflight
-        if pending or inflight:
-            queued = pending.get(key) or inflight.get(key)
-            if queued is not None:  # evicted a moment ago, not sent yet: get_many says it
-                return self.get_many_into({key: out}).get(key, -1)
+        if self._pending or self._inflight:
+            n = self.queued(key, out)
+            if n is not None:
+                return n
         lenders = self.lenders
         ld = lenders[0] if len(lenders) == 1 else lenders[self._placement.owner(key)]
         n = -1
@@ -498,12 +497,19 @@ class RemoteTier:
         self._observe(seconds)
         self._counted_one(ld, key, hit, True, int(bad_seal), 0)
 
-    def queued(self, key: bytes, out: memoryview) -> int:
+    def queued(self, key: bytes, out: memoryview) -> int | None:
         """A block still in the put queue (evicted a moment ago, not sent yet), opened
-        into `out`: its length, or -1. For a read whose lender already said no."""
-        if self._pending.get(key) is not None or self._inflight.get(key) is not None:
-            return self.get_many_into({key: out}).get(key, -1)
-        return -1
+        into `out` by get_many: its length (-1 if it was not found after all); None if
+        the queue does not hold it. get_one's first look, and all a read whose lender
+        already said no (the C read path) has left."""
+        if self._pending.get(key) is None and self._inflight.get(key) is None:
+            return None
+        return self.get_many_into({key: out}).get(key, -1)
+
+    @property
+    def sealer(self) -> RunSealer:
+        """This run's sealing (the C read path opens blobs with its keys)."""
+        return self._sealer
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of the blocks found and verified; the rest are misses."""
