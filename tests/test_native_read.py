@@ -10,10 +10,12 @@ memlend lender: tests/test_mount_remote.py, tests/test_faults.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -52,20 +54,29 @@ def answer(rid: int, value: bytes | None) -> bytes:
     return p.ServerConnection(b"a" * 32).send_get_reply(rid, [value])
 
 
-@pytest.fixture
-def peers():
-    """(kernel side, daemon side) of the fake /dev/fuse, (client, lender) sockets."""
+@contextlib.contextmanager
+def fake_peers() -> Iterator[tuple[socket.socket, ...]]:
+    """(kernel side, daemon side) of the fake /dev/fuse, (client, lender) sockets, and
+    C told of one lent file in SLOT and an active lender."""
     k, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     a, b = socket.socketpair()
     lib.read_setup(SHIFT, EPOCH)
     lib.read_keys(KEY, None)
     lib.read_lender(GEN)
     lib.read_slot(SLOT, FILE_ID, VERSION, True)
-    yield k, d, a, b
-    lib.read_slot(SLOT, 0, 0, False)
-    lib.read_lender(-1)
-    for s in (k, d, a, b):
-        s.close()
+    try:
+        yield k, d, a, b
+    finally:
+        lib.read_slot(SLOT, 0, 0, False)
+        lib.read_lender(-1)
+        for s in (k, d, a, b):
+            s.close()
+
+
+@pytest.fixture
+def peers():
+    with fake_peers() as four:
+        yield four
 
 
 def lender(b: socket.socket, reply, delay: float = 0.0) -> list[bytes]:
@@ -155,26 +166,27 @@ BAD_BLOBS = {
 }
 
 
+def left_to_python(peers, reply, outcome: int, **kw) -> tuple:
+    """A READ whose lender answers `reply`: left whole in the buffer for Python with
+    `outcome`, the kernel not answered. read_next's result."""
+    k, d, a, b = peers
+    req = request(0, 4096)
+    lender(b, reply)
+    k.send(req)
+    out, buf = read_next(d, a, **kw)
+    assert out[:2] == (len(req), outcome)
+    assert bytes(buf[: len(req)]) == req and kernel_got(k) is None
+    return out
+
+
 @pytest.mark.parametrize("case", list(BAD_BLOBS))
 def test_a_blob_that_does_not_open_is_left_to_python(peers, case: str) -> None:
-    k, d, a, b = peers
     blob = BAD_BLOBS[case]()
-    req = request(0, 4096)
-    lender(b, lambda rid, key: answer(rid, blob))
-    k.send(req)
-    (n, outcome, *_), buf = read_next(d, a)
-    assert (n, outcome) == (len(req), lib.READ_BAD_SEAL)
-    assert bytes(buf[:n]) == req and kernel_got(k) is None
+    left_to_python(peers, lambda rid, key: answer(rid, blob), lib.READ_BAD_SEAL)
 
 
 def test_a_miss_is_left_to_python_which_does_not_ask_again(peers) -> None:
-    k, d, a, b = peers
-    req = request(0, 4096)
-    lender(b, lambda rid, key: answer(rid, None))
-    k.send(req)
-    (n, outcome, *_), buf = read_next(d, a)
-    assert (n, outcome) == (len(req), lib.READ_MISS)
-    assert bytes(buf[:n]) == req and kernel_got(k) is None
+    left_to_python(peers, lambda rid, key: answer(rid, None), lib.READ_MISS)
 
 
 # What the lender sends back, and the fault status that makes (-NOT_FAST, ...).
@@ -193,16 +205,10 @@ FAULTS = {
 
 @pytest.mark.parametrize("case", list(FAULTS))
 def test_a_lender_that_does_not_answer_right_is_a_fault(peers, case: str) -> None:
-    k, d, a, b = peers
     reply, status_name = FAULTS[case]
-    status = -getattr(lib, status_name)
-    req = request(0, 4096)
-    lender(b, reply)
-    k.send(req)
     t0 = time.monotonic()
-    (n, outcome, _, _, _, got_status, *_), buf = read_next(d, a, deadline=0.05)
-    assert (n, outcome, got_status) == (len(req), lib.READ_FAULT, status)
-    assert bytes(buf[:n]) == req and kernel_got(k) is None
+    out = left_to_python(peers, reply, lib.READ_FAULT, deadline=0.05)
+    assert out[5] == -getattr(lib, status_name)
     assert time.monotonic() - t0 < 1.0
 
 
@@ -307,13 +313,7 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
 def test_any_answer_serves_the_right_bytes_or_nothing(cut: int, flips, tail: bytes) -> None:
     """A valid answer cut short, with bytes changed or with bytes after it: the kernel
     gets the block's bytes exactly when the answer is the valid one, else nothing."""
-    k, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    a, b = socket.socketpair()
-    try:
-        lib.read_setup(SHIFT, EPOCH)
-        lib.read_keys(KEY, None)
-        lib.read_lender(GEN)
-        lib.read_slot(SLOT, FILE_ID, VERSION, True)
+    with fake_peers() as (k, d, a, b):
         good = answer(11, sealed(0, DATA[:1000]))
         bad = bytearray(good[: len(good) - cut] if cut else good)
         for at, x in flips:
@@ -328,6 +328,3 @@ def test_any_answer_serves_the_right_bytes_or_nothing(cut: int, flips, tail: byt
             assert outcome == lib.READ_HIT and got == OUT_HEADER.pack(1016, 0, 41) + DATA[:1000]
         else:
             assert outcome in (lib.READ_FAULT, lib.READ_BAD_SEAL) and got is None
-    finally:
-        for s in (k, d, a, b):
-            s.close()
