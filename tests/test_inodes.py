@@ -123,7 +123,7 @@ def test_forget_closes_at_once_even_if_pinned(tmp_path: Path, root_fd: int) -> N
     known = [identify(fds, p) for p in paths]
     fd = known[0].fd  # pinned in this thread's ring
     known[0].nlookup = 0
-    fds.drop(known[0])
+    fds.drop([known[0]])
     assert known[0].path_fd == -1
     with pytest.raises(OSError) as e:  # nothing was opened since: the number is free
         os.fstat(fd)
@@ -173,7 +173,7 @@ def test_without_file_handles_descriptors_are_held_with_one_warning(
         assert inode.handle is None and inode.path_fd >= 0
         assert os.fstat(inode.fd).st_ino == p.stat().st_ino
     for inode in known:
-        fds.drop(inode)
+        fds.drop([inode])
 
 
 # ---- the passthrough's inode table -------------------------------------------------

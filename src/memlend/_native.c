@@ -961,6 +961,8 @@ done:
 
 /* The mount's READ of one lent block (its own file; one translation unit). */
 #include "_native_read.c"
+/* FORGETs queued in C, taken by the daemon in batches. */
+#include "_native_forget.c"
 
 static PyObject *init(PyObject *self, PyObject *arg) {
     Py_XSETREF(ProtocolError, Py_NewRef(arg));
@@ -993,6 +995,11 @@ static PyMethodDef methods[] = {
      "A file's state for read_next"},
     {"read_next", (PyCFunction)(void (*)(void))read_next, METH_FASTCALL,
      "The next FUSE request, a READ of one lent block served in C"},
+    {"forget_setup", (PyCFunction)(void (*)(void))forget_setup, METH_FASTCALL, "Queue FORGETs in C, signalling an eventfd"},
+    {"forgets_take", forgets_take, METH_NOARGS, "The queued FORGETs, as u64 pairs"},
+    {"next_request", (PyCFunction)(void (*)(void))next_request, METH_FASTCALL,
+     "The next FUSE request, FORGETs queued on the way"},
+    {"close_fds", close_fds, METH_O, "close(2) each descriptor, the GIL released once"},
     {NULL, NULL, 0, NULL},
 };
 

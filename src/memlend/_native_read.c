@@ -45,6 +45,9 @@ static int rd_has_key, rd_has_prev;
 static long rd_generation = -1; /* the lender's health generation while it is active */
 static __thread EVP_CIPHER_CTX *rd_ctx;
 
+/* _native_forget.c: a FORGET read here is queued for the daemon, not returned. */
+static int absorb_forget(int fuse_fd, const unsigned char *buf, ssize_t n);
+
 static inline uint64_t le64(const unsigned char *p) {
     uint64_t v;
     memcpy(&v, p, 8);
@@ -220,7 +223,10 @@ static PyObject *read_next(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         n = read(fd, buf, (size_t)bb.len);
-        if (n > 0) break;
+        if (n > 0) {
+            if (absorb_forget(fd, buf, n)) continue;
+            break;
+        }
         if (n == 0) { /* /dev/fuse never gives 0 bytes; anything else that does is gone */
             n = -1;
             break;

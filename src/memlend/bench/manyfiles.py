@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from memlend.bench.fuse_tools import is_mounted, kill_pid, proc_status
+from memlend.fuse import forgets
 from memlend.sizes import parse_size
 
 MEMLEND = [sys.executable, "-m", "memlend"]
@@ -44,6 +45,19 @@ OVERHEAD = 64 * MiB  # what the daemon may use beyond --cache-size (issue 9, REA
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _settled_fds(pid: int, most: float = 3.0) -> int:
+    """The daemon's descriptors once their count stops falling (at most `most` s): the
+    phase's last FORGETs are served in a batch, WINDOW after they came."""
+    n, end = _fds(pid), time.monotonic() + most
+    while time.monotonic() < end:
+        time.sleep(10 * forgets.WINDOW)
+        m = _fds(pid)
+        if m >= n:
+            return m
+        n = m
+    return n
 
 
 def _stats(mnt: Path) -> dict:
@@ -196,7 +210,7 @@ def put_queue(s0: dict, s1: dict) -> dict:
 
 def after(res: dict, phase: str, pid: int, mnt: Path) -> None:
     """The daemon's descriptors, resident memory and known inodes after `phase`."""
-    res[f"fds_after_{phase}"] = _fds(pid)
+    res[f"fds_after_{phase}"] = _settled_fds(pid)
     res[f"rss_after_{phase}_mib"] = _mib(proc_status(pid)["VmRSS"])
     res[f"inodes_after_{phase}"] = _stats(mnt).get("inodes")
 

@@ -48,6 +48,9 @@ def _time_ops(d: str, n: int, data: bytes) -> dict[str, float]:
             os.unlink(p)
 
     for op, fn in zip(OPS, (create, stat, read, listing, unlink), strict=True):
+        # The disk quiet first: the previous directory's write-back (48 MB of creates)
+        # otherwise lands in whichever directory comes next.
+        os.sync()
         t = time.perf_counter()
         fn()
         out[op] = (time.perf_counter() - t) / n * 1e6

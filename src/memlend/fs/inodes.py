@@ -32,8 +32,10 @@ import resource
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from memlend import native
 
 log = logging.getLogger("memlend.fs")
 
@@ -76,6 +78,15 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int = _OPEN_FLAGS) -> in
         err = ctypes.get_errno()
         raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
     return fd
+
+
+def close_all(fds: list[int]) -> None:
+    """close(2) each of `fds`; with the C extension, the GIL released once for all."""
+    if native.lib is not None and len(fds) > 1:
+        native.lib.close_fds(fds)
+    else:
+        for fd in fds:
+            os.close(fd)
 
 
 def default_capacity() -> int:
@@ -239,21 +250,24 @@ class PathFds:
                 inode.path_fd = -1
         return victims
 
-    def drop(self, inode: Inode) -> None:
-        """The kernel forgot `inode`: close its descriptor now, pinned or not.
+    def drop(self, inodes: Iterable[Inode]) -> None:
+        """The kernel forgot `inodes`: close their descriptors now, pinned or not.
 
-        No request can be using it: the kernel forgets an inode only once nothing
+        No request can be using them: the kernel forgets an inode only once nothing
         refers to it, requests included (the same guarantee that let the daemon close
         at forget before this cache existed). A pin left in a thread's ring would
-        otherwise keep a deleted file's blocks allocated until that thread moves on."""
-        if inode.fds is None:
-            os.close(inode.path_fd)
-            return
+        otherwise keep a deleted file's blocks allocated until that thread moves on.
+        The closes are made together, outside the lock (the last close of a deleted
+        file is when its backing file system frees it)."""
+        fds = []
         with self.lock:
-            self._lru.pop(inode, None)
-            fd, inode.path_fd = inode.path_fd, -1
-        if fd >= 0:
-            os.close(fd)
+            for inode in inodes:
+                if inode.fds is not None:
+                    self._lru.pop(inode, None)
+                fd, inode.path_fd = inode.path_fd, -1
+                if fd >= 0:
+                    fds.append(fd)
+        close_all(fds)
 
     def open_count(self) -> int:
         """Descriptors of handle-identified inodes open now (pinned ones included)."""

@@ -25,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -286,6 +286,17 @@ class Passthrough(Operations):
         raise OSError(errno.ENOENT, "deleted")
 
     def _lookup_at(self, parent: Inode, name: bytes) -> tuple[int, os.stat_result]:
+        # An inode known already (ls -l, a path walked again) is found by what a stat
+        # of the name says, one system call; only a new one is opened, to identify it.
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        with self._lock:
+            nodeid = self._by_key.get((st.st_dev, st.st_ino))
+            if nodeid is not None:
+                self._inodes[nodeid].nlookup += 1
+        if nodeid is not None:
+            if stat.S_ISREG(st.st_mode):
+                self._validate(st)
+            return nodeid, st
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
@@ -300,23 +311,30 @@ class Passthrough(Operations):
         return self._lookup_at(self._inode(parent), name)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
+        self.forget_many((nodeid, nlookup))
+
+    def forget_many(self, pairs: Sequence[int]) -> None:
+        gone = []
         with self._lock:
-            inode = self._inodes.get(nodeid)
-            if inode is None:
-                return
-            inode.nlookup -= nlookup
-            if inode.nlookup > 0:
-                return
-            del self._inodes[nodeid]
-            del self._by_key[inode.key]
-            state = self._files.get(inode.key)
-            if state is not None:
-                self._drop_if_unused(state)
+            for i in range(0, len(pairs), 2):
+                inode = self._inodes.get(pairs[i])
+                if inode is None:
+                    continue
+                inode.nlookup -= pairs[i + 1]
+                if inode.nlookup > 0:
+                    continue
+                del self._inodes[pairs[i]]
+                del self._by_key[inode.key]
+                state = self._files.get(inode.key)
+                if state is not None:
+                    self._drop_if_unused(state)
+                gone.append(inode)
             while self._orphans:
                 state = self._by_file_id.get(self._orphans.pop())
                 if state is not None:
                     self._drop_if_unused(state)
-        self._fds.drop(inode)
+        if gone:
+            self._fds.drop(gone)
 
     def _file_gone(self, file_id: int) -> None:
         # The cache's last block of file_id left (cache lock held, so no lock of ours:

@@ -86,6 +86,11 @@ class Operations:
     def forget(self, nodeid: int, nlookup: int) -> None:
         pass
 
+    def forget_many(self, pairs: Sequence[int]) -> None:
+        """forget() of each (nodeid, nlookup) in `pairs`, given flat: n0, l0, n1, l1..."""
+        for i in range(0, len(pairs), 2):
+            self.forget(pairs[i], pairs[i + 1])
+
     def getattr(self, nodeid: int, fh: int | None) -> os.stat_result:
         raise _nosys()
 

@@ -19,8 +19,10 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 
+from memlend import native
 from memlend.fuse import wire
 from memlend.fuse.api import BIG_READ, Context, Operations, SetattrRequest
+from memlend.fuse.forgets import ForgetQueue
 from memlend.fuse.wire import Op
 
 log = logging.getLogger("memlend.fuse")
@@ -67,6 +69,7 @@ class Session:
         self._workers: list[threading.Thread] = []
         self.closed = threading.Event()  # set when a worker found the mount gone
         self._prune_ok = True  # cleared if the kernel refuses FUSE_NOTIFY_PRUNE
+        self.forgets: ForgetQueue | None = None  # FORGETs queued in C (fuse/forgets.py)
         self._handlers: dict[int, Callable[..., object]] = {
             Op.LOOKUP: self._lookup,
             Op.FORGET: self._forget,
@@ -169,6 +172,8 @@ class Session:
         self.ops.init(self)
 
     def start(self) -> None:
+        if native.lib is not None:
+            self.forgets = ForgetQueue(native.lib, self.fd, self.ops.forget_many)
         for i in range(self.threads):
             t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
             t.start()
@@ -181,7 +186,10 @@ class Session:
         """Wait for the workers to end (after unmount); True if they all did."""
         for t in self._workers:
             t.join(timeout)
-        return not any(t.is_alive() for t in self._workers)
+        done = not any(t.is_alive() for t in self._workers)
+        if done and self.forgets is not None:
+            self.forgets.close()
+        return done
 
     def notify_inval_inode(self, nodeid: int, offset: int = 0) -> None:
         """Tell the kernel to drop its cached attributes of `nodeid`, and its cached
@@ -237,11 +245,18 @@ class Session:
         ops_read, ops_read_done = self.ops.read, self.ops.read_done
         pack_out = _OUT.pack
         fd = self.fd
-        # A C read path serves READs of lent blocks itself and hands the rest over.
+        # A C read path serves READs of lent blocks itself and hands the rest over;
+        # without it, C still reads when it can, to queue FORGETs (fuse/forgets.py).
         fast = self.ops.read_worker()
+        next_request = native.lib.next_request if native.lib is not None else None
         while True:
             try:
-                n = os.readv(fd, [buf]) if fast is None else fast.next(fd, buf)
+                if fast is not None:
+                    n = fast.next(fd, buf)
+                elif next_request is not None:
+                    n = next_request(fd, buf)
+                else:
+                    n = os.readv(fd, [buf])
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # ENOENT: the request was interrupted before we got it
