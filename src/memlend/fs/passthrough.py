@@ -103,6 +103,23 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+# File systems whose files have no flush operation: close(2) of a descriptor of theirs
+# reports nothing and does nothing a FLUSH could be for (NFS, CIFS, FUSE and f2fs do).
+NO_FLUSH_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
+
+
+def fs_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the mounted file system whose device number is `dev` (None if
+    no mount says it is)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want and "-" in fields:
+                return fields[fields.index("-") + 1]
+    return None
+
+
 @dataclass(slots=True)
 class FileState:
     """What the cache knows of one backing file."""
@@ -175,6 +192,9 @@ class Passthrough(Operations):
             (st.st_dev, st.st_ino), None, root_fd, None, path_fd=root_fd, nlookup=1 << 62
         )
         self._fds = PathFds(root_fd, path_fds or default_capacity(), self._stale_fd)
+        # Writers of files on this device close without a FLUSH (FOPEN_NOFLUSH): one
+        # round trip fewer per written file (Postmark: 6,049 of ~46,600 requests).
+        self._noflush_dev = st.st_dev if fs_type(st.st_dev) in NO_FLUSH_FS else None
         self._inodes: dict[int, Inode] = {wire.ROOT_ID: self._root}
         self._by_key: dict[tuple[int, int], int] = {self._root.key: wire.ROOT_ID}
         self._files: dict[tuple[int, int], FileState] = {}
@@ -643,8 +663,10 @@ class Passthrough(Operations):
             fh = next(self._fhs) << self._slot_bits | h.slot
             self._handles[fh] = h
         # A read-only handle has nothing to flush (no written data, no deferred write
-        # error, locks are the kernel's): its close(2) costs no round trip.
-        open_flags = wire.FOPEN_NOFLUSH if accmode == os.O_RDONLY else 0
+        # error, locks are the kernel's), nor has a file whose file system has no flush
+        # operation: its close(2) costs no round trip.
+        noflush = accmode == os.O_RDONLY or st.st_dev == self._noflush_dev
+        open_flags = wire.FOPEN_NOFLUSH if noflush else 0
         if not self.kernel_tier:
             return fh, open_flags | wire.FOPEN_DIRECT_IO | wire.FOPEN_PARALLEL_DIRECT_WRITES
         if self.passthrough is not None and self._io_mode(h, st):
