@@ -36,6 +36,7 @@ from memlend.fuse.mount import (
     user_allow_other,
 )
 from memlend.fuse.session import Session
+from memlend.heap import Trimmer, limit_arenas
 from memlend.remote.client import parse_address
 from memlend.remote.secret import loose_permissions
 from memlend.stats import MountStats
@@ -348,6 +349,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     # A worker woken by the kernel must not wait the default 5 ms for the GIL while
     # a read-ahead thread fills the cache: hand the GIL over at 200 us instead.
     sys.setswitchinterval(0.0002)
+    limit_arenas()  # before any thread starts: two malloc arenas, not one each (heap.py)
     _raise_fd_limit()
     stats = MountStats(
         pid=os.getpid(),
@@ -435,6 +437,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     session = Session(fd, fs, threads=cfg.threads, attr_timeout=cfg.attr_timeout,
                       entry_timeout=cfg.attr_timeout, writeback_cache=cfg.writeback_cache,
                       auto_inval_data=not kernel_tier, passthrough=passthrough)  # fmt: skip
+    heap = Trimmer()  # what bursts of reads and puts freed goes back to the VM
     try:
         session.handshake()
         # Page-cache mounts map files as any file system does; direct I/O ones need
@@ -447,6 +450,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         fs.on_outside_change = _Notifier(session)
         fs.on_too_many = _prune_later(session)
         session.start()
+        heap.start()
         if kernel_tier:
             set_readahead(cfg.mountpoint, READAHEAD_KB)
             extra = ", writeback cache" if session.writeback_cache else ""
@@ -476,6 +480,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
         _unmount_quietly(cfg.mountpoint)
         raise
     finally:
+        heap.stop()
         if endpoint is not None:
             endpoint.close()
         fs.destroy()
