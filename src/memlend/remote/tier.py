@@ -100,6 +100,7 @@ POOL_IDLE = 60.0
 # either host) must not send every read to the disk for half a second.
 REPROBE_FIRST = 0.02
 MAX_DEADLINE = 0.05  # disk_read_took(): never wait longer than this for a lender
+KEEP_REPLY_BUF = 128 * 1024  # a thread keeps its multi-get reply buffer up to this size
 
 
 class _MemlendClient(LenderClient):
@@ -148,9 +149,14 @@ class _MemlendClient(LenderClient):
         """finish_get of one request in C (memlend._native.recv_values): received
         without the GIL into this thread's buffer, values returned as views of it."""
         size = p.HEADER_SIZE + 2 + n * (5 + self.max_value)
-        buf = getattr(_thread_buf, "view", None)
-        if buf is None or len(buf) < size:
-            buf = _thread_buf.view = memoryview(bytearray(size))
+        if size > KEEP_REPLY_BUF:
+            # A stream's multi-get (up to 1 MiB): its buffer goes with its values. Kept
+            # per thread, it held 1 MiB for each of 16 FUSE workers, charged to the VM.
+            buf = memoryview(bytearray(size))
+        else:
+            buf = getattr(_thread_buf, "view", None)
+            if buf is None or len(buf) < size:
+                buf = _thread_buf.view = memoryview(bytearray(size))
         spin = self._native_spin()
         fd = self._require().fileno()
         status, got, caught, self.late = native.recv_values(fd, rid, n, buf, deadline, spin)
