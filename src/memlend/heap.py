@@ -6,7 +6,7 @@ and lent pass through it as 16 KiB objects, allocated and freed by several threa
 and glibc keeps what they free in its arenas (one per thread that allocated). After
 1 GB read through a kernel-tier mount with a lender the daemon held 79 MB of
 anonymous memory against 19.5 MB before, spread over a dozen arenas of 3-7 MB
-(docs/benchmarks.md, "The daemon's memory after bursts"), and in the testbed's
+(docs/benchmarks.md, "Postmark is bound by the disk's IOPS here"), and in the testbed's
 Postmark that cost disk reads. Two arenas instead of one per thread, and
 malloc_trim(0) every EVERY seconds, which returns the free pages of every arena:
 46 MB after the same read.
@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import threading
 import time
 
-log = logging.getLogger("memlend")
-
-EVERY = 2.0  # s between trims; one costs about a millisecond per 100 MB of heap
-
-
+EVERY = 2.0  # s between trims; one took 1.0-1.2 ms with 25 MB of heap, 4.0-4.6 ms with 100
 ARENAS = 2  # glibc's default is 8 per CPU: one per thread here, each keeping its free
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 
