@@ -21,11 +21,7 @@ import time
 
 EVERY = 2.0  # s between trims; one took 1.0-1.2 ms with 25 MB of heap, 4.0-4.6 ms with 100
 ARENAS = 2  # glibc's default is 8 per CPU: one per thread here, each keeping its free
-# Allocations of a block (16 KiB) and more get mappings of their own, unmapped when
-# freed: the blocks read and lent churn through the heap no more (glibc's default
-# threshold starts at 128 KiB and grows to 32 MiB as big buffers come and go).
-MMAP_THRESHOLD = 16 * 1024
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # mallopt parameters (malloc.h)
+M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 
 
 def _libc_function(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -39,13 +35,10 @@ _trim = _libc_function("malloc_trim")
 _mallopt = _libc_function("mallopt")
 
 
-def tune_malloc(arenas: int = ARENAS, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+def limit_arenas(arenas: int = ARENAS) -> bool:
     """At most `arenas` malloc arenas for the threads started from now on (the FUSE
-    workers would each get one, and keep in it what they freed), and allocations of
-    `mmap_threshold` bytes and more mapped on their own; False without glibc."""
-    if _mallopt is None:
-        return False
-    return bool(_mallopt(M_ARENA_MAX, arenas)) and bool(_mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    workers would each get one, and keep in it what they freed); False without glibc."""
+    return _mallopt is not None and bool(_mallopt(M_ARENA_MAX, arenas))
 
 
 def trim() -> bool:

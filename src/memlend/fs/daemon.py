@@ -36,7 +36,7 @@ from memlend.fuse.mount import (
     user_allow_other,
 )
 from memlend.fuse.session import Session
-from memlend.heap import Trimmer, tune_malloc
+from memlend.heap import Trimmer, limit_arenas
 from memlend.remote.client import parse_address
 from memlend.remote.secret import loose_permissions
 from memlend.stats import MountStats
@@ -349,7 +349,7 @@ def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> int:
     # A worker woken by the kernel must not wait the default 5 ms for the GIL while
     # a read-ahead thread fills the cache: hand the GIL over at 200 us instead.
     sys.setswitchinterval(0.0002)
-    tune_malloc()  # before any thread starts: two arenas, blocks mapped apart (heap.py)
+    limit_arenas()  # before any thread starts: two malloc arenas, not one each (heap.py)
     _raise_fd_limit()
     stats = MountStats(
         pid=os.getpid(),
