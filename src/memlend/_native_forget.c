@@ -63,13 +63,13 @@ static int absorb_forget(int fuse_fd, const unsigned char *buf, ssize_t n) {
             if (!ok) fg_len = before; /* all of it to Python, none twice */
         }
     }
-    pthread_mutex_unlock(&fg_lock);
-    if (ok && was_empty) {
+    if (ok && was_empty) { /* under the lock: forget_setup(-1) cannot close it meanwhile */
         uint64_t one = 1;
         ssize_t w;
         do w = write(efd, &one, sizeof one);
         while (w < 0 && errno == EINTR);
     }
+    pthread_mutex_unlock(&fg_lock);
     return ok;
 }
 
