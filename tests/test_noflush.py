@@ -11,6 +11,7 @@ from memlend.fs import passthrough as pt
 from memlend.fs.cache import BlockCache
 from memlend.fuse import wire
 from memlend.fuse.api import Context
+from memlend.fuse.mount import fs_type
 from memlend.stats import MountStats
 
 MOUNTINFO = """\
@@ -23,10 +24,10 @@ MOUNTINFO = """\
 def test_fs_type_reads_the_mount_table(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text(MOUNTINFO)
-    assert pt.fs_type(os.makedev(254, 0), str(info)) == "ext4"
-    assert pt.fs_type(os.makedev(0, 32), str(info)) == "nfs4"  # optional fields skipped
-    assert pt.fs_type(os.makedev(0, 33), str(info)) == "tmpfs"
-    assert pt.fs_type(os.makedev(9, 9), str(info)) is None
+    assert fs_type(os.makedev(254, 0), str(info)) == "ext4"
+    assert fs_type(os.makedev(0, 32), str(info)) == "nfs4"  # optional fields skipped
+    assert fs_type(os.makedev(0, 33), str(info)) == "tmpfs"
+    assert fs_type(os.makedev(9, 9), str(info)) is None
     assert "nfs4" not in pt.NO_FLUSH_FS and "fuse" not in pt.NO_FLUSH_FS
 
 
@@ -40,7 +41,7 @@ def open_flags(fs: pt.Passthrough, name: bytes, flags: int) -> int:
 def test_writers_skip_flush_only_where_close_reports_nothing(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
     fs = pt.Passthrough(str(tmp_path), BlockCache(1 << 20, 4096, "lru", MountStats()), MountStats())
-    local = pt.fs_type(os.stat(tmp_path).st_dev) in pt.NO_FLUSH_FS
+    local = fs_type(os.stat(tmp_path).st_dev) in pt.NO_FLUSH_FS
     assert bool(open_flags(fs, b"f", os.O_RDWR) & wire.FOPEN_NOFLUSH) == local
     assert open_flags(fs, b"f", os.O_RDONLY) & wire.FOPEN_NOFLUSH  # readers never flush
     fs._noflush_dev = None  # as on NFS

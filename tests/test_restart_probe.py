@@ -15,7 +15,8 @@ import pytest
 
 from conftest import is_mounted
 from memlend.bench import restart_probe
-from memlend.fs.passthrough import NO_FLUSH_FS, fs_type
+from memlend.fs.passthrough import NO_FLUSH_FS
+from memlend.fuse.mount import fs_type
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts as root")
 

@@ -29,6 +29,7 @@ from memlend.fs.passthrough import Passthrough
 from memlend.fuse.mount import (
     FUSE_CONF,
     MountError,
+    fs_type,
     is_dead_mount,
     is_mountpoint,
     mount,
@@ -100,16 +101,8 @@ def load_remote_secrets(cfg: MountConfig) -> tuple[bytes | None, bytes]:
 
 
 def backing_fs_type(path: str) -> str:
-    """The file-system type of the mount holding `path` (longest mountinfo prefix)."""
-    best, fstype = "", "unknown"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            sep = fields.index("-")
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fstype = mnt, fields[sep + 1]
-    return fstype
+    """The file-system type of the mount holding `path` (the one of its device)."""
+    return fs_type(os.stat(path).st_dev) or "unknown"
 
 
 def probe_direct_io(backing: str) -> bool | None:
@@ -136,10 +129,10 @@ def mount_warnings(cfg: MountConfig) -> list[str]:
             f"{cfg.backing} refuses O_DIRECT: memlend reads it buffered and drops those "
             "pages from the page cache after each read"
         )
-    if backing_fs_type(cfg.backing) in ("tmpfs", "ramfs"):
+    fstype = backing_fs_type(cfg.backing)
+    if fstype in ("tmpfs", "ramfs"):
         warnings.append(
-            f"{cfg.backing} is in memory already ({backing_fs_type(cfg.backing)}): "
-            "memlend's cache only duplicates it"
+            f"{cfg.backing} is in memory already ({fstype}): memlend's cache only duplicates it"
         )
     if cfg.lenders:
         for path in (cfg.secret_file, cfg.seal_key_file):

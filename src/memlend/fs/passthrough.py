@@ -39,6 +39,7 @@ from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
 from memlend.fuse import wire
 from memlend.fuse.api import Context, DirEntry, Operations, SetattrRequest
+from memlend.fuse.mount import fs_type
 from memlend.stats import MountStats
 
 if TYPE_CHECKING:
@@ -106,18 +107,6 @@ def _proc(fd: int) -> str:
 # File systems whose files have no flush operation: close(2) of a descriptor of theirs
 # reports nothing and does nothing a FLUSH could be for (NFS, CIFS, FUSE and f2fs do).
 NO_FLUSH_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
-
-
-def fs_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The type of the mounted file system whose device number is `dev` (None if
-    no mount says it is)."""
-    want = f"{os.major(dev)}:{os.minor(dev)}"
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == want and "-" in fields:
-                return fields[fields.index("-") + 1]
-    return None
 
 
 @dataclass(slots=True)

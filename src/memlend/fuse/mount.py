@@ -51,6 +51,18 @@ def mount_type(path: str) -> str | None:
     return found
 
 
+def fs_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the mounted file system whose device number is `dev` (None if
+    no mount says it is): that of the files of any path with this st_dev."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == want and "-" in fields:
+                return fields[fields.index("-") + 1]
+    return None
+
+
 def is_dead_mount(path: str) -> bool:
     """True if `path` is in a FUSE mount whose daemon is gone (a dead mount).
 
