@@ -114,10 +114,26 @@ static PyObject *forgets_take(PyObject *self, PyObject *unused) {
     return out;
 }
 
-/* next_request(fuse_fd, buf) -> n: the next request from /dev/fuse into buf, FORGETs
-   queued on the way (the GIL released throughout); -1 once unmounted (ENODEV, or 0
-   bytes); OSError for anything else. EINTR, EAGAIN and ENOENT (a request interrupted
-   before it was read) are read past, as the Python loop does. */
+/* The next request from /dev/fuse into buf (len bytes), FORGETs queued on the way;
+   without the GIL. Its size, or -1 once unmounted (ENODEV, or 0 bytes: /dev/fuse never
+   gives 0, anything else that does is gone) or on another error, left in *err. EINTR,
+   EAGAIN and ENOENT (a request interrupted before it was read) are read past, as the
+   Python loop does. */
+static ssize_t read_request(int fd, unsigned char *buf, size_t len, int *err) {
+    for (;;) {
+        ssize_t n = read(fd, buf, len);
+        if (n > 0) {
+            if (absorb_forget(fd, buf, n)) continue;
+            return n;
+        }
+        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == ENOENT)) continue;
+        if (n < 0 && errno != ENODEV) *err = errno;
+        return -1;
+    }
+}
+
+/* next_request(fuse_fd, buf) -> n: read_request() for the Python loop when there is
+   no lent-block path; -1 once unmounted, OSError for another error. */
 static PyObject *next_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "next_request(fuse_fd, buf)");
@@ -130,17 +146,7 @@ static PyObject *next_request(PyObject *self, PyObject *const *args, Py_ssize_t 
     ssize_t n;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (;;) {
-        n = read(fd, bb.buf, (size_t)bb.len);
-        if (n > 0) {
-            if (absorb_forget(fd, bb.buf, n)) continue;
-            break;
-        }
-        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == ENOENT)) continue;
-        if (n < 0 && errno != ENODEV) err = errno;
-        n = -1;
-        break;
-    }
+    n = read_request(fd, bb.buf, (size_t)bb.len, &err);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&bb);
     if (err) {

@@ -45,8 +45,8 @@ static int rd_has_key, rd_has_prev;
 static long rd_generation = -1; /* the lender's health generation while it is active */
 static __thread EVP_CIPHER_CTX *rd_ctx;
 
-/* _native_forget.c: a FORGET read here is queued for the daemon, not returned. */
-static int absorb_forget(int fuse_fd, const unsigned char *buf, ssize_t n);
+/* _native_forget.c: the next request from /dev/fuse, FORGETs queued on the way. */
+static ssize_t read_request(int fd, unsigned char *buf, size_t len, int *err);
 
 static inline uint64_t le64(const unsigned char *p) {
     uint64_t v;
@@ -221,21 +221,7 @@ static PyObject *read_next(PyObject *self, PyObject *const *args, Py_ssize_t nar
     uint64_t file_id = 0, version = 0, block = 0;
 
     Py_BEGIN_ALLOW_THREADS
-    for (;;) {
-        n = read(fd, buf, (size_t)bb.len);
-        if (n > 0) {
-            if (absorb_forget(fd, buf, n)) continue;
-            break;
-        }
-        if (n == 0) { /* /dev/fuse never gives 0 bytes; anything else that does is gone */
-            n = -1;
-            break;
-        }
-        if (errno == EINTR || errno == EAGAIN || errno == ENOENT) continue;
-        if (errno != ENODEV) err = errno;
-        n = -1;
-        break;
-    }
+    n = read_request(fd, buf, (size_t)bb.len, &err);
     if (n >= FUSE_IN_HEADER + FUSE_READ_IN && conn >= 0 && le64(buf) >> 32 == FUSE_READ) do {
         uint64_t unique = le64(buf + 8), fh = le64(buf + FUSE_IN_HEADER);
         uint64_t offset = le64(buf + FUSE_IN_HEADER + 8);
