@@ -35,8 +35,6 @@ class ForgetQueue:
         self._forget_many = forget_many
         self._efd = os.eventfd(0, os.EFD_CLOEXEC)
         self._stop = False
-        self.batches = 0
-        self.taken = 0
         self.active = bool(lib.forget_setup(fuse_fd, self._efd))
         if not self.active:  # another mount of this process has the queue
             os.close(self._efd)
@@ -58,8 +56,6 @@ class ForgetQueue:
         if not data:
             return
         pairs = memoryview(data).cast("Q")
-        self.batches += 1
-        self.taken += len(pairs) // 2
         try:
             self._forget_many(pairs)
         except Exception:  # a bad batch must not end the thread: later ones still come
