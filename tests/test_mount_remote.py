@@ -692,7 +692,10 @@ class Target:
         """Leave every block of t on the lender (checked) and none in the local cache.
 
         Retried: on a loaded machine a lender read may miss its deadline, and that block
-        then comes from the disk (it is lent again at the next eviction)."""
+        then comes from the disk (it is lent again at the next eviction). The kernel tier
+        may ask for a block twice (a readahead window ending inside it, a page reclaimed
+        before it was read: 17 lender hits for 16 blocks in one CI run), so the test is:
+        nothing from the disk or the local cache, every miss served by the lender."""
         self.check()  # in the local cache (from wherever)...
         nblocks = -(-len(self.model) // BS)
         for _ in range(5):
@@ -701,7 +704,8 @@ class Target:
             s0 = stats(self.m)
             self.check()  # read back from the lender, all of it...
             p = delta(s0, stats(self.m))
-            if p["remote_hits"] == nblocks and p["disk_read_bytes"] == 0:
+            lent = p["remote_hits"] == p["local_misses"] >= nblocks and not p["local_hits"]
+            if lent and p["disk_read_bytes"] == 0:
                 self.evict()  # ...and out of the local cache again
                 return
         shown = {k: v for k, v in p.items() if v and k not in ("pid", "started")}
