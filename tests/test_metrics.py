@@ -36,6 +36,7 @@ MOUNT_SAMPLES = {
     "writes": ("memlend_writes_total", {}),
     "write_bytes": ("memlend_write_bytes_total", {}),
     "passthrough_opens": ("memlend_passthrough_opens_total", {}),
+    "written_lent_blocks": ("memlend_written_lent_blocks_total", {}),
     "native_read_hits": ("memlend_native_read_hits_total", {}),
     "remote_put_blocks": ("memlend_remote_puts_total", {}),
     "remote_dropped_puts": ("memlend_remote_dropped_puts_total", {}),

@@ -2,18 +2,21 @@
 writing, and from then on every open of them, are read and written by the kernel on
 the backing file itself. The daemon sees no WRITE (its `writes` counter stays), the
 data is right through the mount and in the backing store, and the kernel's rule (all
-handles of an inode in one mode) never turns an open into EIO."""
+handles of an inode in one mode) never turns an open into EIO. With a lender, a file
+written so is lent when its last writer closes (fs/written.py) and read back from the
+lender once the backing store's page cache dropped it, also after the kernel forgot it."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import Mount
-from test_mount_remote import remote_opts
+from test_mount_remote import all_active, delta, remote_opts, settle, stats, wait_for
 
 pytestmark = [
     pytest.mark.tiers("kernel"),
@@ -164,3 +167,107 @@ def test_lent_blocks_of_a_file_written_in_passthrough_are_never_served(
     finally:
         os.close(fd)
     assert read(m.mnt / "f") == new
+
+
+def drop_backing(path: Path) -> None:
+    """Write the backing file's dirty pages and drop its page cache (memory pressure)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
+    mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
+) -> None:
+    lender = lender_factory()
+    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file))
+    if not m.stats().get("passthrough"):
+        pytest.skip("this kernel does not grant FUSE passthrough (Linux 6.9+)")
+    all_active(m)
+    bs = m.stats()["block_size"]
+    f, data = m.mnt / "f", os.urandom(5 * bs + 100)
+
+    def lent_after(change: Callable[[], None], blocks: int) -> None:
+        want = stats(m)["written_lent_blocks"] + blocks
+        change()
+        wait_for(lambda: stats(m)["written_lent_blocks"] >= want, 10, "the lend")
+        settle(m)
+
+    def dropped_then_read(want: bytes) -> dict:
+        """Drop the backing store's copy (memory pressure), read through the mount."""
+        drop_backing(m.backing / "f")
+        s0 = stats(m)
+        assert read(f) == want
+        return delta(s0, stats(m))
+
+    lent_after(lambda: write(f, data), 6)  # in passthrough: the daemon never sees them...
+    assert writes(m) == 0
+    p = dropped_then_read(data)  # ...yet the lenders serve them once the disk would
+    assert p["remote_hits"] >= 6 and p["disk_read_bytes"] == 0, p
+    # An append is a new version: lent whole (its pages are in the backing store's
+    # page cache again), and the old version's blocks never served.
+    (m.backing / "f").read_bytes()
+    more = os.urandom(3000)
+    lent_after(lambda: write(f, more, os.O_WRONLY | os.O_APPEND), 6)
+    data += more
+    p = dropped_then_read(data)
+    assert p["remote_hits"] >= 6 and p["disk_read_bytes"] == 0, p
+    # Appended once its pages are gone: nothing to lend without a disk read (none is
+    # made for it), so the next read is the disk's, right.
+    before = stats(m)["written_lent_blocks"]
+    drop_backing(m.backing / "f")
+    more = os.urandom(5000)
+    write(f, more, os.O_WRONLY | os.O_APPEND)
+    data += more
+    time.sleep(0.5)
+    assert stats(m)["written_lent_blocks"] == before
+    assert dropped_then_read(data)["remote_hits"] == 0
+    # Changed outside the mount (same size): read from the backing file, not the lender.
+    changed = os.urandom(len(data))
+    (m.backing / "f").write_bytes(changed)
+    assert dropped_then_read(changed)["remote_hits"] == 0
+    assert stats(m)["seal_failures"] == 0
+
+
+# It drops the kernel's caches: not beside the testbed's runs (see test_mount_dirents).
+@pytest.mark.xdist_group("testbed")
+def test_lent_files_are_found_again_after_the_kernel_forgets_them(
+    mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
+) -> None:
+    lender = lender_factory()
+    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file))
+    if not m.stats().get("passthrough"):
+        pytest.skip("this kernel does not grant FUSE passthrough (Linux 6.9+)")
+    all_active(m)
+    bs = m.stats()["block_size"]
+    files = {f"f{i}": os.urandom(2 * bs + i) for i in range(20)}
+    before = stats(m)["inodes"]
+    for name, data in files.items():
+        write(m.mnt / name, data)
+    wait_for(lambda: stats(m)["written_lent_blocks"] >= 59, 10, "the lends")
+    settle(m)
+    # The kernel forgets the files (their dentries and inodes dropped), the backing
+    # store's page cache drops their pages.
+    deadline = time.monotonic() + 20
+    while stats(m)["inodes"] > before and time.monotonic() < deadline:
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        time.sleep(0.3)
+    assert stats(m)["inodes"] <= before, "the kernel did not forget the files"
+    assert stats(m)["lent_files_forgotten"] == len(files)
+    for name in files:
+        drop_backing(m.backing / name)
+    # f0 is replaced outside the mount by a file of the same size (ext4 may give it
+    # the same inode number): the lent f0 must not be served for it.
+    ino = (m.backing / "f0").stat().st_ino
+    (m.backing / "f0").unlink()
+    files["f0"] = os.urandom(len(files["f0"]))
+    (m.backing / "f0").write_bytes(files["f0"])
+    drop_backing(m.backing / "f0")
+    s0 = stats(m)
+    for name, data in files.items():
+        assert read(m.mnt / name) == data, name
+    p = delta(s0, stats(m))
+    assert p["remote_hits"] == 57 and p["disk_reads"] >= 1, (p, ino)

@@ -18,6 +18,7 @@ COUNTERS = (
     "writes",
     "write_bytes",
     "passthrough_opens",
+    "written_lent_blocks",
     "remote_hits",
     "remote_misses",
 )

@@ -381,6 +381,7 @@ class ConfigRun:
                     "disk_reads",
                     "disk_read_bytes",
                     *PUT_COUNTERS,
+                    "written_lent_blocks",
                 )
             }
         elif work is not wl.SQLITE and work is not wl.POSTMARK:

@@ -37,6 +37,7 @@ from memlend.fs.kernel_tier import KernelReadPath
 from memlend.fs.page_dropper import PageDropper
 from memlend.fs.readpath import ReadPath, remote_key
 from memlend.fs.stream import Stream
+from memlend.fs.written import WrittenLender
 from memlend.fuse import wire
 from memlend.fuse.api import Context, DirEntry, Operations, SetattrRequest
 from memlend.fuse.mount import fs_type
@@ -55,6 +56,13 @@ STATS_XATTR = b"user.memlend.stats"
 # instead of two. Bigger files stay on the page cache tier, whose misses the lenders
 # serve (a database file, a data set). docs/design-choices.md has the measurements.
 PASSTHROUGH_MAX = 1 << 20
+# Files the kernel forgot whose blocks may be on the lenders (the kernel tier): their
+# identity (file id, version, digest of handle and stat), kept so that the next lookup
+# finds them: 132 bytes each (an int key, one packed int; tracemalloc), so 8.3 MiB at
+# most (9.5 while the dict grows), the oldest dropped first.
+MAX_LENT_FILES = 65_536
+_ID_BITS = 48
+_ID_MASK = (1 << _ID_BITS) - 1
 # Flags that make no sense (or harm) when reopening the backing inode.
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT)
 _BIG_RANGE = 1 << 16  # above this many blocks, re-key a file instead of dropping one by one
@@ -189,6 +197,7 @@ class Passthrough(Operations):
         self._files: dict[tuple[int, int], FileState] = {}
         self._by_file_id: dict[int, FileState] = {}
         self._orphans: list[int] = []  # file ids whose last block left, inode forgotten
+        self._lent_files: dict[int, int] = {}  # st_ino (root's device) -> _remember_lent's
         self._handles: dict[int, Handle | DirHandle] = {}
         self._ids = itertools.count(wire.ROOT_ID + 1)
         self._fhs = itertools.count(1)
@@ -216,6 +225,7 @@ class Passthrough(Operations):
         self.on_too_many: Callable[[list[int]], None] | None = None
         self.max_inodes = max_inodes
         self.remote: RemoteTier | None = None
+        self.written: WrittenLender | None = None  # the kernel tier's lender of written files
         cache.on_file_gone = self._file_gone
 
     # ---- the remote tier ----------------------------------------------------
@@ -233,6 +243,16 @@ class Passthrough(Operations):
         self.stats.read_path = f"python: {why}" if why else "native (one-block lender hits in C)"
         if not self.kernel_tier:  # the kernel tier lends what it reads from disk instead
             self.cache.on_evict = self._evicted
+        else:  # ...and what the kernel wrote in passthrough (fs/written.py)
+            self.written = WrittenLender(tier, self.reader.epoch, self.bs, self.stats, self._lent)
+
+    def _lent(self, state: FileState, version: int) -> None:
+        """The blocks of `version` of the file went to the lenders: readers may ask."""
+        with self.cache.lock:
+            if state.version == version and state.lent_version != version:
+                state.lent_version = version
+                if self.fast is not None:
+                    self.fast.sync(state)
 
     def _evicted(self, key: int, data: memoryview) -> None:
         # Under the cache lock, so the file's version is the one `data` belongs to.
@@ -312,9 +332,10 @@ class Passthrough(Operations):
         except OSError:
             os.close(fd)
             raise
+        nodeid = self._remember(fd, st)
         if stat.S_ISREG(st.st_mode):
-            self._validate(st)
-        return self._remember(fd, st), st
+            self._validate(st, self._inodes[nodeid].handle)
+        return nodeid, st
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> tuple[int, os.stat_result]:
         return self._lookup_at(self._inode(parent), name)
@@ -337,6 +358,8 @@ class Passthrough(Operations):
                 state = self._files.get(inode.key)
                 if state is not None:
                     self._drop_if_unused(state)
+                if state is not None and inode.handle is not None:
+                    self._remember_lent(state, inode.handle)
                 gone.append(inode)
             while self._orphans:
                 state = self._by_file_id.get(self._orphans.pop())
@@ -361,15 +384,29 @@ class Passthrough(Operations):
             del self._files[state.key]
         self._by_file_id.pop(state.file_id, None)
 
+    def _remember_lent(self, state: FileState, handle: bytes) -> None:
+        """The kernel forgot the file of `state`: if its blocks may be on the lenders,
+        keep its identity so that the next lookup takes it back (under self._lock)."""
+        if state.lent_version != state.version or state.key[0] != self._root.key[0]:
+            return
+        if state.key in self._files:  # still in use (its cached blocks)
+            return
+        lent = self._lent_files
+        if len(lent) >= MAX_LENT_FILES:
+            del lent[next(iter(lent))]
+        digest = _digest(handle, state.size, state.mtime_ns, state.ctime_ns)
+        lent[state.key[1]] = state.file_id | state.version << _ID_BITS | digest << 2 * _ID_BITS
+
     # ---- cache consistency -----------------------------------------------
 
-    def _validate(self, st: os.stat_result) -> FileState:
-        """The file's cache state, its blocks dropped if the backing file changed."""
+    def _validate(self, st: os.stat_result, handle: bytes | None = None) -> FileState:
+        """The file's cache state, its blocks dropped if the backing file changed.
+        `handle`: its file handle, when the kernel has just looked it up anew."""
         key = (st.st_dev, st.st_ino)
         with self._lock:
             state = self._files.get(key)
             if state is None:
-                state = FileState(
+                state = self._lent_state(st, handle) or FileState(
                     next(self._file_ids), st.st_size, st.st_mtime_ns, st.st_ctime_ns, key=key
                 )
                 self._files[key] = state
@@ -383,6 +420,22 @@ class Passthrough(Operations):
             state.outside += 1
             self._changed(state, 0, max(state.size, st.st_size), st)
         return state
+
+    def _lent_state(self, st: os.stat_result, handle: bytes | None) -> FileState | None:
+        """The state of a forgotten file with lent blocks, if it is the same file (its
+        handle holds the inode's generation: a reused inode number is another file),
+        unchanged since."""
+        if not self._lent_files or handle is None or st.st_dev != self._root.key[0]:
+            return None
+        packed = self._lent_files.pop(st.st_ino, None)
+        digest = _digest(handle, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if packed is None or packed >> 2 * _ID_BITS != digest:
+            return None
+        version = packed >> _ID_BITS & _ID_MASK
+        return FileState(
+            packed & _ID_MASK, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            version=version, lent_version=version, key=(st.st_dev, st.st_ino),
+        )  # fmt: skip
 
     def _changed(self, state: FileState, start: int, end: int, st: os.stat_result) -> None:
         """Bytes start..end of the file changed (and it now has stat `st`): drop them.
@@ -672,7 +725,8 @@ class Passthrough(Operations):
         """Open `h` in passthrough? Small files (PASSTHROUGH_MAX) opened for writing or
         whose pages the backing store's page cache holds (written before, through the
         mount or not: reading them through ours would cache them twice, and an O_DIRECT
-        read of a dirty page waits for its write-back), and files written so before,
+        read of a dirty page waits for its write-back), and files written so before
+        (unless lent since and no longer cached: then read through the lenders),
         unless handles of the inode are open through the page cache; and every handle
         of an inode that has one open in passthrough, as the kernel requires. Set-ID
         files stay with the daemon, which clears their bits on a write by another user.
@@ -682,6 +736,10 @@ class Passthrough(Operations):
         suits = not st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (
             state.passed or (small and (h.writes or backing_cached(h.fd)))
         )
+        if suits and not h.writes and state.lent_version == state.version and state.passed:
+            # Written here and lent since (fs/written.py): once the backing store's
+            # page cache has dropped it, the lenders serve its reads, not the disk.
+            suits = backing_cached(h.fd)
         with self._lock:
             m = self._io.get(state.key)
             if m is None:
@@ -711,13 +769,14 @@ class Passthrough(Operations):
     def backing_id(self, fh: int) -> int:
         return self._handle(fh).backing
 
-    def _io_release(self, h: Handle, session: Session | None) -> None:
-        """`h` is closed: its inode's IoMode, and the backing id if it was the last."""
+    def _io_release(self, h: Handle, session: Session | None) -> bool:
+        """`h` is closed: its inode's IoMode, and the backing id if it was the last.
+        True if `h` was the last of its file's handles in passthrough."""
         close = 0
         with self._lock:
             m = self._io.get(h.state.key)
             if m is None:
-                return
+                return False
             if h.backing:
                 m.passed -= 1
                 if not m.passed:
@@ -734,6 +793,7 @@ class Passthrough(Operations):
             st = os.fstat(h.fd)
             self._changed(h.state, 0, max(h.state.size, st.st_size), st)
             h.state.outside += 1
+        return close != 0
 
     def _backing_flags(self, flags: int) -> int:
         if self.writeback:
@@ -816,10 +876,13 @@ class Passthrough(Operations):
             self.fast.detach(h.state)  # type: ignore[union-attr]
         if h.direct_fd >= 0 and h.direct_fd != h.fd:
             os.close(h.direct_fd)
-        if h.state.key in self._io:
-            self._io_release(h, self._session)
+        last = h.state.key in self._io and self._io_release(h, self._session)
         if h.backing:
-            os.close(h.fd)  # its pages are the only copy now: the kernel keeps them
+            # Its pages are the only copy now: the kernel keeps them. Lent, if written:
+            # the page cache may drop them before the next read (fs/written.py).
+            if last and h.writes and self.written is not None:
+                self.written.lend(h.fd, h.state, h.state.version)
+            os.close(h.fd)
         elif not h.readable or h.state.version:
             # Written pages sit in the backing store's page cache: dropped once the
             # flusher has written them back (fs/page_dropper.py), not now.
@@ -879,7 +942,8 @@ class Passthrough(Operations):
         """Every counter and setting: `memlend stats --json` and the metrics endpoint."""
         stats = self.stats.as_dict()
         stats.update(inodes=len(self._inodes), inode_fds=self._fds.open_count(),
-                     inode_reopens=self._fds.reopened)  # fmt: skip
+                     inode_reopens=self._fds.reopened,
+                     lent_files_forgotten=len(self._lent_files))  # fmt: skip
         with self.cache.lock:
             stats["curve"] = self.cache.curve_snapshot()
         if self.remote is not None:
@@ -908,6 +972,12 @@ class Passthrough(Operations):
                 os.close(h.direct_fd)
         self._handles.clear()
         self.dropper.close()
+
+
+def _digest(handle: bytes, size: int, mtime_ns: int, ctime_ns: int) -> int:
+    """64 bits that tell one version of one file from another (salted per process, as
+    Python's hash of bytes is: the records never outlive the daemon)."""
+    return hash((handle, size, mtime_ns, ctime_ns)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _setid_to_clear(ctx: Context, st: os.stat_result, capable: bool) -> int:

@@ -31,6 +31,11 @@ _COUNTERS = (
         "passthrough_opens",
         "Opens the kernel serves itself from the backing file (FUSE passthrough)",
     ),
+    (
+        "memlend_written_lent_blocks",
+        "written_lent_blocks",
+        "Blocks the kernel wrote in passthrough, lent after the file's last writer closed",
+    ),
     ("memlend_remote_queue_hits", "remote_queue_hits", "Reads answered from the put queue"),
     ("memlend_remote_puts_skipped", "remote_put_skipped", "Puts skipped: the lender has it"),
     ("memlend_remote_errors", "remote_errors", "Failed lender calls (read as misses)"),
@@ -95,6 +100,11 @@ class MountCollector(Collector):
         yield GaugeMetricFamily("memlend_inodes", "Inodes the kernel knows", value=s["inodes"])
         yield GaugeMetricFamily(
             "memlend_inode_fds", "Open O_PATH fds of inodes", value=s["inode_fds"]
+        )
+        yield GaugeMetricFamily(
+            "memlend_lent_files_forgotten",
+            "Files the kernel forgot whose identity is kept: their lent blocks stay reachable",
+            value=s["lent_files_forgotten"],
         )
         if s.get("curve"):
             curve = GaugeMetricFamily(
