@@ -46,7 +46,7 @@ log = logging.getLogger("memlend")
 
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
 PUT_QUEUE_BYTES = 16 << 20  # evicted blocks waiting for the lenders, at most
-READAHEAD_KB = 1024  # the kernel tier's read-ahead window (set_readahead)
+READAHEAD_KB = 512  # the kernel tier's read-ahead window (set_readahead)
 LOCAL_TIERS = ("kernel", "memlend")
 EXIT_GRACE = 5  # seconds to wait, after unmount, for workers still inside a request
 
@@ -279,8 +279,9 @@ def mount_device(mountpoint: str) -> str | None:
 def set_readahead(mountpoint: str, kb: int) -> None:
     """The kernel tier's read-ahead window: a FUSE mount starts at 128 KiB, so a
     sequential reader costs a READ round trip (and a lender multi-get or a disk read)
-    per 128 KiB; 1 MiB makes that one per MiB, the size of our largest READ
-    (docs/benchmarks.md, seqread). Root only (sysfs); left as it is otherwise."""
+    per 128 KiB: seqread 0.83x the page cache. 1 MiB gave 1.00x, but a scan beside a
+    hot set then took the disk from the hot set's misses (hotscan 0.75x); 512 KiB
+    (docs/benchmarks.md, seventh session). Root only (sysfs); left as it is otherwise."""
     dev = mount_device(mountpoint)
     if dev is None:
         return

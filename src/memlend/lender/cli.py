@@ -17,8 +17,12 @@ from memlend.service import notify, setup_logging
 from memlend.sizes import parse_size
 
 # The lender's own default (docs/remote.md), not the mount's: `memlend lend` and
-# `python -m memlend.lender` both take it from here.
-DEFAULT_POLICY = "s3fifo"
+# `python -m memlend.lender` both take it from here. LRU: a lender sees each block put
+# once and asked for about once (a client's page-cache misses), so s3fifo's rule (two
+# hits to leave its small queue) kept a client's old, dead data in its main queue and
+# dropped what the client wrote since (Postmark after the other workloads: 0.85x the
+# page cache against 1.42x with lru; docs/benchmarks.md, seventh session).
+DEFAULT_POLICY = "lru"
 DEFAULT_BLOCK = "16K"  # the mount's default block size: one block per slot
 
 
