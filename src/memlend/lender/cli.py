@@ -20,8 +20,8 @@ from memlend.sizes import parse_size
 # `python -m memlend.lender` both take it from here. LRU: a lender sees each block put
 # once and asked for about once (a client's page-cache misses), so s3fifo's rule (two
 # hits to leave its small queue) kept a client's old, dead data in its main queue and
-# dropped what the client wrote since (Postmark after the other workloads: 0.85x the
-# page cache against 1.42x with lru; docs/benchmarks.md, seventh session).
+# dropped what the client wrote since (Postmark after the other workloads: 0.854x the
+# page cache against 1.305x with lru; docs/benchmarks.md, seventh session).
 DEFAULT_POLICY = "lru"
 DEFAULT_BLOCK = "16K"  # the mount's default block size: one block per slot
 
