@@ -70,6 +70,11 @@ def stats_table(stats: dict, console: Console | None = None) -> None:
             if stats.get("passthrough")
             else []
         ),
+        *(
+            [("written blocks lent at close", f"{stats.get('written_lent_blocks', 0)}")]
+            if stats.get("passthrough") and "lenders" in stats
+            else []
+        ),
         ("remote hits / misses", f"{stats['remote_hits']} / {stats['remote_misses']}"),
         ("O_DIRECT backing reads", "yes" if stats["direct_io"] else "no"),
         ("shared mmap allowed", "yes" if stats["mmap_allowed"] else "no"),
