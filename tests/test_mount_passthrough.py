@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount
+from memlend.bench.fuse_tools import drop_cache
 from test_mount_remote import all_active, delta, remote_opts, settle, stats, wait_for
 
 pytestmark = [
@@ -169,24 +170,21 @@ def test_lent_blocks_of_a_file_written_in_passthrough_are_never_served(
     assert read(m.mnt / "f") == new
 
 
-def drop_backing(path: Path) -> None:
-    """Write the backing file's dirty pages and drop its page cache (memory pressure)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
-    mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
-) -> None:
+@pytest.fixture
+def lent_mount(mount_factory, lender_factory, secret_file: Path, seal_key_file: Path) -> Mount:
+    """A kernel-tier mount in passthrough with one active lender."""
     lender = lender_factory()
     m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file))
     if not m.stats().get("passthrough"):
         pytest.skip("this kernel does not grant FUSE passthrough (Linux 6.9+)")
     all_active(m)
+    return m
+
+
+def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
+    lent_mount: Mount,
+) -> None:
+    m = lent_mount
     bs = m.stats()["block_size"]
     f, data = m.mnt / "f", os.urandom(5 * bs + 100)
 
@@ -198,7 +196,7 @@ def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
 
     def dropped_then_read(want: bytes) -> dict:
         """Drop the backing store's copy (memory pressure), read through the mount."""
-        drop_backing(m.backing / "f")
+        drop_cache(m.backing / "f")
         s0 = stats(m)
         assert read(f) == want
         return delta(s0, stats(m))
@@ -218,7 +216,7 @@ def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
     # Appended once its pages are gone: nothing to lend without a disk read (none is
     # made for it), so the next read is the disk's, right.
     before = stats(m)["written_lent_blocks"]
-    drop_backing(m.backing / "f")
+    drop_cache(m.backing / "f")
     more = os.urandom(5000)
     write(f, more, os.O_WRONLY | os.O_APPEND)
     data += more
@@ -234,14 +232,8 @@ def test_files_written_in_passthrough_are_lent_and_read_back_from_the_lender(
 
 # It drops the kernel's caches: not beside the testbed's runs (see test_mount_dirents).
 @pytest.mark.xdist_group("testbed")
-def test_lent_files_are_found_again_after_the_kernel_forgets_them(
-    mount_factory, lender_factory, secret_file: Path, seal_key_file: Path
-) -> None:
-    lender = lender_factory()
-    m = mount_factory(*remote_opts(lender.url, seal=seal_key_file, secret=secret_file))
-    if not m.stats().get("passthrough"):
-        pytest.skip("this kernel does not grant FUSE passthrough (Linux 6.9+)")
-    all_active(m)
+def test_lent_files_are_found_again_after_the_kernel_forgets_them(lent_mount: Mount) -> None:
+    m = lent_mount
     bs = m.stats()["block_size"]
     files = {f"f{i}": os.urandom(2 * bs + i) for i in range(20)}
     before = stats(m)["inodes"]
@@ -258,14 +250,14 @@ def test_lent_files_are_found_again_after_the_kernel_forgets_them(
     assert stats(m)["inodes"] <= before, "the kernel did not forget the files"
     assert stats(m)["lent_files_forgotten"] == len(files)
     for name in files:
-        drop_backing(m.backing / name)
+        drop_cache(m.backing / name)
     # f0 is replaced outside the mount by a file of the same size (ext4 may give it
     # the same inode number): the lent f0 must not be served for it.
     ino = (m.backing / "f0").stat().st_ino
     (m.backing / "f0").unlink()
     files["f0"] = os.urandom(len(files["f0"]))
     (m.backing / "f0").write_bytes(files["f0"])
-    drop_backing(m.backing / "f0")
+    drop_cache(m.backing / "f0")
     s0 = stats(m)
     for name, data in files.items():
         assert read(m.mnt / name) == data, name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount, memlend
+from memlend.bench.fuse_tools import drop_cache
 
 KEYS = {
     "pid", "cache_size", "block_size", "policy", "local_hits", "local_misses",
@@ -98,15 +98,6 @@ def resident_bytes(path: Path) -> int:
     return int(out.split()[0])
 
 
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_no_double_caching(mount: Mount, local_tier: str) -> None:
     if shutil.which("fincore") is None:
         pytest.fail("fincore (util-linux) is not installed")
@@ -116,7 +107,7 @@ def test_no_double_caching(mount: Mount, local_tier: str) -> None:
     with open(b, "wb") as w:
         for _ in range(size >> 20):
             w.write(chunk)
-    evict(b)
+    drop_cache(b)
     assert resident_bytes(b) < 1 << 20, "could not evict the file to start with"
 
     assert read_all(f) == size
@@ -132,4 +123,4 @@ def test_no_double_caching(mount: Mount, local_tier: str) -> None:
     # Control: a plain read of BACKING does fill the page cache (fincore can see it).
     read_all(b)
     assert resident_bytes(b) > size // 2
-    evict(b)
+    drop_cache(b)

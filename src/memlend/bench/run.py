@@ -548,9 +548,9 @@ def run_matrix(plan: Plan, progress: bool = True, who: str = "memlend bench") ->
         cells = [(c, w, d) for c in plan.configs for w in plan.workloads for d in plan.disks]
         with _Progress(progress, len(cells)) as bar:
             for config in plan.configs:
-                _drop_page_cache(data)
+                ft.drop_cache(data)
                 if plan.sqlite_rows:
-                    _drop_page_cache(bed.work / "backing" / wl.DB)
+                    ft.drop_cache(bed.work / "backing" / wl.DB)
                 todo = [(w, d) for w in plan.workloads for d in plan.disks]
                 try:
                     with ConfigRun(bed, plan, config) as cr:
@@ -609,15 +609,6 @@ def _base(plan: Plan, config: str, w: str, d: str, where: str) -> dict:
         "verified": False,
         "error": None,
     }
-
-
-def _drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 class _Progress:

@@ -68,9 +68,11 @@ class WrittenLender:
             log.exception("lending a written file failed")
 
     def _lend(self, fd: int, state: FileState, version: int) -> None:
-        seen = (state.size, state.mtime_ns, state.ctime_ns)
-        if state.size > MAX_BYTES or state.version != version or _stamp(os.fstat(fd)) != seen:
+        if state.size > MAX_BYTES or state.version != version:
             return  # changed since its close: that change's version is what counts
+        # The release took these from an fstat of `fd` just now; a change since shows
+        # in the fstat after the read, which decides.
+        seen = (state.size, state.mtime_ns, state.ctime_ns)
         # The handle may have been write-only: read through a descriptor of our own.
         rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         try:
