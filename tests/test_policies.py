@@ -414,6 +414,44 @@ class RefLIRSTuned(RefLIRS):
     factor = 3
 
 
+class RefLIRSLazy(RefLIRS):
+    """LIRS whose LIR set fills only by reuse: until it is full, S is not pruned and
+    a key never in S becomes LIR only if it was admitted before (an exact set here;
+    the policy's bitmap is exact for the tests' small int keys)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.seen: set = set()
+
+    def prune(self) -> None:
+        if len(self.lir) >= self.lir_cap:
+            super().prune()
+
+    def promote(self, x) -> None:
+        super().promote(x)
+        self.prune()
+
+    def miss(self, x) -> list:
+        ev = []
+        if len(self.lir) + len(self.Q) >= self.c:
+            ev.append(self.Q.pop(0))
+        room = len(self.lir) < self.lir_cap
+        if x in self.S:
+            self.to_top(x)
+            self.promote(x)
+        elif room and x in self.seen:
+            self.S.append(x)
+            self.lir.add(x)
+        else:
+            if room:
+                self.seen.add(x)
+            self.S.append(x)
+            self.Q.append(x)
+        self.prune()
+        self.bound()
+        return ev
+
+
 REFERENCES = {
     "s3fifo-tuned": RefS3FIFOTuned,
     "lirs-tuned": RefLIRSTuned,
@@ -423,6 +461,7 @@ REFERENCES = {
     "sieve": RefSIEVE,
     "2q": Ref2Q,
     "lirs": RefLIRS,
+    "lirs-lazy": RefLIRSLazy,
 }
 
 # ------------------------------------------------------------ differential
@@ -593,6 +632,35 @@ def test_loop_slightly_larger_than_cache(name: str, min_hits: int) -> None:
     assert n >= min_hits
     if name == "lru":
         assert n == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "hits_expected"), [("lirs", 0), ("lirs-lazy", 2048), ("arc", 2048)]
+)
+def test_file_read_twice_after_a_scan(name: str, hits_expected: int) -> None:
+    # The re-read case of tests/test_mount_reread.py in keys: a scan of 4.8x the
+    # cache, then 2,048 blocks read twice. The paper's LIRS made the scan's first
+    # blocks LIR and misses the second read; lirs-lazy grants LIR only on reuse.
+    policy = make_policy(name, 3400)
+    hits(policy, [("big", k) for k in range(16384)])
+    hits(policy, [("small", k) for k in range(2048)])
+    assert hits(policy, [("small", k) for k in range(2048)]) == hits_expected
+
+
+def test_lirs_lazy_loop_becomes_lir_on_its_second_pass() -> None:
+    # A loop of 1.5c: LIRS keeps its first c-1 blocks from the second pass on;
+    # lirs-lazy learns them on the second pass and hits them from the third.
+    c, loop = 100, list(range(150))
+    lazy, lirs = make_policy("lirs-lazy", c), make_policy("lirs", c)
+    assert [hits(lazy, loop) for _ in range(4)] == [0, 0, 99, 99]
+    assert [hits(lirs, loop) for _ in range(4)] == [0, 99, 99, 99]
+
+
+def test_lirs_lazy_remembers_first_references_beyond_its_stack() -> None:
+    # A loop of 20c (the lirs_loop trace at 5%): S holds 2c keys, the bitmap the rest.
+    c, loop = 50, list(range(1000))
+    lazy = make_policy("lirs-lazy", c)
+    assert [hits(lazy, loop) for _ in range(3)] == [0, 0, 49]
 
 
 def test_sieve_known_answer_hand_position() -> None:

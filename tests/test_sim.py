@@ -257,3 +257,15 @@ def test_cli_help_mentions_formats() -> None:
     )
     for word in ("--policy", "--size", "--format", "--block-size", "--json", "--plot", "10%"):
         assert word in proc.stdout
+
+
+def test_reread_tradeoff_traces_split_the_policies() -> None:
+    # Same 18,432-block prefix; LIRS keeps its oldest blocks, LRU and lirs-lazy the
+    # newest, so each misses the whole ending the other hits (docs/policies.md).
+    reread, loop = load_trace("synthetic:scan-reread"), load_trace("synthetic:scan-loop")
+    assert reread[:18432] == loop[:18432] == list(range(18432))
+    ratios = {
+        p: (simulate(reread, p, 3400).miss_ratio, simulate(loop, p, 3400).miss_ratio)
+        for p in ("lru", "lirs", "lirs-lazy")
+    }
+    assert ratios == {"lru": (0.9, 1.0), "lirs": (1.0, 0.9), "lirs-lazy": (0.9, 1.0)}

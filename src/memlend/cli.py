@@ -22,7 +22,7 @@ from memlend.sizes import parse_size
 
 DEFAULT_CACHE = "256M"
 DEFAULT_BLOCK = "16K"  # docs/benchmarks.md: block size
-DEFAULT_POLICY = "auto"  # the mount's; docs/policies.md
+DEFAULT_POLICY = "lirs-lazy"  # the mount's; docs/policies.md
 DEFAULT_TIER = "kernel"  # docs/design-choices.md: the testbed's matrix
 
 

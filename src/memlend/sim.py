@@ -72,7 +72,31 @@ def hotscan_trace(seed: int = 42) -> list[int]:
     return trace
 
 
-SYNTHETIC: dict[str, Callable[[], list[int]]] = {"hotscan": hotscan_trace}
+# The re-read trade-off (docs/policies.md, "Why no policy is the best classic on
+# every row"): both start with the same 18,432 distinct blocks (a 256 MiB scan,
+# then a 32 MiB file, in 16 KiB blocks); then `scan-reread` reads the file again
+# (the newest 2,048 blocks: LRU, ARC and lirs-lazy hit them) and `scan-loop` reads
+# the first 2,048 blocks again (the oldest: LIRS's cold start made them LIR). A
+# cache holds the same blocks after the same prefix whatever comes next, so at
+# 3,400 blocks no policy can hit all 4,096 of the two endings.
+REREAD_SCAN, REREAD_FILE = 16384, 2048
+
+
+def scan_reread_trace() -> list[int]:
+    prefix = list(range(REREAD_SCAN + REREAD_FILE))
+    return prefix + prefix[REREAD_SCAN:]
+
+
+def scan_loop_trace() -> list[int]:
+    prefix = list(range(REREAD_SCAN + REREAD_FILE))
+    return prefix + prefix[:REREAD_FILE]
+
+
+SYNTHETIC: dict[str, Callable[[], list[int]]] = {
+    "hotscan": hotscan_trace,
+    "scan-reread": scan_reread_trace,
+    "scan-loop": scan_loop_trace,
+}
 
 # --------------------------------------------------------------------- traces
 

@@ -339,7 +339,9 @@ class Memlend:
         threads: int | None = None,  # None: the mount's own defaults
         policy: str | None = None,
         log_file: Path | None = None,
+        local_tier: str | None = None,  # None: the mount's default (kernel)
     ) -> None:
+        self.local_tier = local_tier
         self.backing, self.mountpoint = str(backing), str(mountpoint)
         self.cache_size, self.block_size = cache_size, block_size
         self.threads, self.policy = threads, policy
@@ -357,6 +359,7 @@ class Memlend:
         args = ["mount", self.backing, self.mountpoint, "--cache-size", self.cache_size]
         args += ["--block-size", self.block_size]
         args += ["--policy", self.policy] if self.policy else []
+        args += ["--local-tier", self.local_tier] if self.local_tier else []
         args += ["--threads", str(self.threads)] if self.threads else []
         if self.log_file:
             args += ["--log-file", str(self.log_file)]

@@ -13,6 +13,7 @@ real bound on what the cache holds, not just on its data. A slice of the budget
 
 from __future__ import annotations
 
+import os
 import threading
 from array import array
 from collections.abc import Callable
@@ -47,7 +48,9 @@ class BlockCache:
         rate = curve_rate(nslots, curve_budget(cache_size), cpol, MULTIPLIERS)
         self.curve = LiveCurve(nslots, rate, MULTIPLIERS, cpol)
         # Lookups test the curve's sampling inline (mrc.MIX): a call for each costs ~60 ns.
-        self._cut = self.curve.cut
+        # MEMLEND_CURVE=0 skips the test (cut 0; its memory stays set aside): the
+        # measurement switch of memlend.bench.curve_fuse_cost.
+        self._cut = self.curve.cut if os.environ.get("MEMLEND_CURVE", "1") != "0" else 0
         self.lock = threading.Lock()
         self._index: dict[int, int] = {}  # key -> slot
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
@@ -82,11 +85,11 @@ class BlockCache:
         slot = self._index.get(key)
         if slot is None:
             self.stats.add("local_misses")
-            if hash(key) * MIX & MASK < self._cut:
+            if (cut := self._cut) and hash(key) * MIX & MASK < cut:
                 self.curve.record(key, False)
             return -1
         self.policy.touch(key)
-        if hash(key) * MIX & MASK < self._cut:
+        if (cut := self._cut) and hash(key) * MIX & MASK < cut:
             self.curve.record(key, True)
         n = self._length[slot]
         src = slot * self.block_size
@@ -112,7 +115,7 @@ class BlockCache:
         for b in range(first, last + 1):
             key = base | b
             slot = index.get(key)
-            sampled = hash(key) * MIX & MASK < cut
+            sampled = cut and hash(key) * MIX & MASK < cut
             if slot is None:
                 if sampled:
                     record(key, False)
@@ -138,6 +141,8 @@ class BlockCache:
         lookups that missed, for the curve (the window read them from disk). The lock
         is taken only when one of them is sampled (about one read in 32 or fewer)."""
         cut = self._cut
+        if not cut:
+            return
         sampled = [k for k in range(base | first, (base | last) + 1) if hash(k) * MIX & MASK < cut]
         if sampled:
             with self.lock:

@@ -25,6 +25,7 @@ def register(cls: type[Policy]) -> type[Policy]:
 _BOOKKEEPING = {"lru": 512, "sieve": 512, "arc": 640, "2q": 640, "s3fifo": 960, "lirs": 1920}
 _BOOKKEEPING["s3fifo-tuned"] = _BOOKKEEPING["s3fifo"]
 _BOOKKEEPING["lirs-tuned"] = _BOOKKEEPING["lirs"]  # 3x history, measured at 3x
+_BOOKKEEPING["lirs-lazy"] = _BOOKKEEPING["lirs"] + 8  # + its 64-bit-per-slot bitmap
 # auto: its active policy at worst (LIRS); the miniature caches come on top
 # (slots_within).
 _BOOKKEEPING["auto"] = _BOOKKEEPING["lirs"]

@@ -126,7 +126,7 @@ class LIRS(Policy):
             del self._ghosts[key]
             s.move_to_end(key)
             self._make_lir(key)
-        elif self._nlir < self.lir_capacity:
+        elif self._starts_lir(key):
             s[key] = None
             status[key] = _LIR
             self._nlir += 1
@@ -139,6 +139,11 @@ class LIRS(Policy):
         if len(s) > self.stack_limit:
             self._bound()
         return evicted
+
+    def _starts_lir(self, key: Hashable) -> bool:
+        """Whether a key never seen in S becomes LIR on admission: while the LIR
+        set has room (the paper's cold start)."""
+        return self._nlir < self.lir_capacity
 
     def forget(self, key: Hashable) -> None:
         """Make resident `key` non-resident, keeping it in S as a ghost if it is
@@ -172,3 +177,54 @@ class LIRSTuned(LIRS):
 
     name = "lirs-tuned"
     stack_factor = 3
+
+
+@register
+class LIRSLazy(LIRS):
+    """LIRS whose LIR set fills only by reuse (see the module docstring of
+    `lirs-lazy` in docs/policies.md).
+
+    The paper's LIRS makes the first blocks it sees LIR until the LIR set is full:
+    after a scan the cache is full of scanned blocks nobody reads again, and a file
+    read twice right after the scan goes through the 1% HIR share and misses both
+    times. Here a block becomes LIR only when referenced again while its first
+    reference is still remembered; until the LIR set is full, the room it does not
+    use holds HIR blocks (LRU-like, so a re-read soon after a first read hits), S is
+    not pruned (it is the history that detects a reuse), and first references of
+    blocks that left S are remembered in a bitmap of 64 bits per cache slot,
+    cleared when half its bits are set (a false positive makes a block LIR at once,
+    as the paper's cold start would). Once the LIR set is full this is LIRS.
+    """
+
+    name = "lirs-lazy"
+    SEEN_BITS_PER_SLOT = 64
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._seen_mod = max(1024, self.SEEN_BITS_PER_SLOT * capacity)
+        self._seen = bytearray((self._seen_mod + 7) // 8)
+        self._seen_set = 0
+
+    def _prune(self) -> None:
+        # While the LIR set has room S keeps its HIR history (nothing to prune to).
+        if self._nlir >= self.lir_capacity:
+            super()._prune()
+
+    def _make_lir(self, key: Hashable) -> None:
+        super()._make_lir(key)
+        if self._nlir == self.lir_capacity:
+            self._prune()  # the LIR set just filled: restore S's LIR bottom
+
+    def _starts_lir(self, key: Hashable) -> bool:
+        if self._nlir >= self.lir_capacity:
+            return False
+        h = hash(key) % self._seen_mod
+        byte, bit = h >> 3, 1 << (h & 7)
+        if self._seen[byte] & bit:
+            return True  # a second reference: its block is worth a LIR slot
+        self._seen[byte] |= bit
+        self._seen_set += 1
+        if 2 * self._seen_set > self._seen_mod:
+            self._seen = bytearray(len(self._seen))
+            self._seen_set = 0
+        return False
