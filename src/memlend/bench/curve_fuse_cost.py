@@ -36,6 +36,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_times() -> list[int]:
+    """The machine's /proc/stat cpu line: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
 def one_run(tools: ft.Tools, work: Path, curve: bool, n: int, policy: str) -> dict:
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load = ft.ForeignLoad()
     load.start()
+    t0 = cpu_times()
     runs = []
     try:
         with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="curvecost-") as tmp:
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         ft.cleanup()
         foreign = load.take()
         load.stop()
+        delta = [b - a for a, b in zip(t0, cpu_times(), strict=True)]
+        steal = delta[7] / max(1, sum(delta))
     on = [r for r in runs if r["curve"]]
     off = [r for r in runs if not r["curve"]]
     for key, unit in (
@@ -128,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{key}: on {a:.3f} ({lo:.3f}-{hi:.3f}), off {b:.3f} ({lo2:.3f}-{hi2:.3f}) "
             f"{unit}; on/off - 1 = {a / b - 1:+.2%}"
         )
-    print(f"pinning: daemon and reader on CPU 0; foreign CPU: {foreign}; load {os.getloadavg()}")
+    print(
+        f"pinning: daemon and reader on CPU 0; steal {steal:.1%}; foreign CPU: {foreign}; "
+        f"load {os.getloadavg()}"
+    )
     return 0
 
 
