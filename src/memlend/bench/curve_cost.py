@@ -4,12 +4,13 @@
 misses of one 4 KiB block and copy_out hits of 64 blocks (a 256 KiB read), over
 random keys of a full 64 MiB cache, and the hook alone (LiveCurve.access on keys
 uniform over twice the cache: a sampled share of about the curve's rate), fastest of
-7 runs. Run it once more with PYTHONPATH set to a checkout without the curve for the
-lookups without the hook.
+7 runs, with the curve on and off (MEMLEND_CURVE=0: the lookups skip the sampling
+test), alternating, three rounds; prints the fastest of each and the difference.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -31,8 +32,13 @@ def best_ns(run: Callable[[], None], ops: int, repeat: int = 7) -> float:
     return best / ops * 1e9
 
 
-def main(policy: str, cache_size: int = 64 << 20) -> None:
-    cache = BlockCache(cache_size, BS, policy, MountStats())
+def timings(policy: str, curve: bool, cache_size: int = 64 << 20) -> dict[str, float]:
+    """ns per lookup of a full cache built with the curve on or off (MEMLEND_CURVE)."""
+    os.environ["MEMLEND_CURVE"] = "1" if curve else "0"
+    try:
+        cache = BlockCache(cache_size, BS, policy, MountStats())
+    finally:
+        os.environ.pop("MEMLEND_CURVE", None)
     block = memoryview(bytes(BS))
     base = 1 << FILE_SHIFT
     with cache.lock:
@@ -58,21 +64,38 @@ def main(policy: str, cache_size: int = 64 << 20) -> None:
             for f in firsts:
                 copy_out(base, f, f + 63, out, 0, 64 * BS)
 
-    curve = getattr(cache, "curve", None)  # None in a checkout without the curve
-    print(f"{policy}, {cache.slots} slots, curve rate {curve and curve.rate}")
-    print(f"copy_one hit   {best_ns(one(hits), OPS):7.0f} ns")
-    print(f"copy_one miss  {best_ns(one(misses), OPS):7.0f} ns")
-    print(f"copy_out 64    {best_ns(many, len(firsts) * 64):7.0f} ns per block")
-    if curve is not None:
-        access = curve.access
+    res = {
+        "copy_one hit": best_ns(one(hits), OPS),
+        "copy_one miss": best_ns(one(misses), OPS),
+        "copy_out per block": best_ns(many, len(firsts) * 64),
+    }
+    if curve:
+        access = cache.curve.access
         mixed = [base | rng.randrange(2 * cache.slots) for _ in range(OPS)]
 
         def hook() -> None:
             for k in mixed:
                 access(k, True)
 
-        print(f"hook alone     {best_ns(hook, OPS):7.0f} ns")
+        res["hook alone"] = best_ns(hook, OPS)
+        print(f"{policy}, {cache.slots} slots, curve rate {cache.curve.rate:.4f}")
+    return res
+
+
+def main(policy: str, rounds: int = 3) -> None:
+    """Alternate caches with the curve on and off; print the fastest of each."""
+    on: dict[str, float] = {}
+    off: dict[str, float] = {}
+    for _ in range(rounds):
+        for curve, best in ((True, on), (False, off)):
+            for name, ns in timings(policy, curve).items():
+                best[name] = min(best.get(name, ns), ns)
+    for name, ns in on.items():
+        if name in off:
+            print(f"{name:20s} on {ns:6.0f} ns, off {off[name]:6.0f} ns: {ns - off[name]:+5.0f} ns")
+        else:
+            print(f"{name:20s} {ns:6.0f} ns")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "lru")
+    main(sys.argv[1] if len(sys.argv) > 1 else "lirs-lazy")

@@ -52,7 +52,10 @@ class BlockCache:
         # measurement switch of memlend.bench.curve_fuse_cost.
         self._cut = self.curve.cut if os.environ.get("MEMLEND_CURVE", "1") != "0" else 0
         self.lock = threading.Lock()
-        self._index: dict[int, int] = {}  # key -> slot
+        # key -> slot << 1 | sampled: whether the curve samples a block is decided once,
+        # when it enters (the test is ~200 ns of big-int arithmetic), so a hit pays
+        # one bit test for it.
+        self._index: dict[int, int] = {}
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
         self._per_file: dict[int, int] = {}  # file_id -> resident blocks
         # Called (key, data) with the lock held for each clean block evicted: the
@@ -82,15 +85,16 @@ class BlockCache:
     def copy_one(self, key: int, lo: int, hi: int, out: memoryview) -> int:
         """The one-block hit path: copy bytes lo..hi of block `key` (as far as valid)
         into out[lo:hi]; return the block's valid length, or -1 on a miss."""
-        slot = self._index.get(key)
-        if slot is None:
+        entry = self._index.get(key)
+        if entry is None:
             self.stats.add("local_misses")
             if (cut := self._cut) and hash(key) * MIX & MASK < cut:
                 self.curve.record(key, False)
             return -1
         self.policy.touch(key)
-        if (cut := self._cut) and hash(key) * MIX & MASK < cut:
+        if entry & 1:
             self.curve.record(key, True)
+        slot = entry >> 1
         n = self._length[slot]
         src = slot * self.block_size
         if hi > n:
@@ -114,16 +118,16 @@ class BlockCache:
         pos = 0
         for b in range(first, last + 1):
             key = base | b
-            slot = index.get(key)
-            sampled = cut and hash(key) * MIX & MASK < cut
-            if slot is None:
-                if sampled:
+            entry = index.get(key)
+            if entry is None:
+                if cut and hash(key) * MIX & MASK < cut:
                     record(key, False)
                 lens.append(-1)
             else:
                 policy.touch(key)
-                if sampled:
+                if entry & 1:
                     record(key, True)
+                slot = entry >> 1
                 n = length[slot]
                 a, z = max(pos, lo), min(pos + n, hi)
                 if z > a:
@@ -154,11 +158,11 @@ class BlockCache:
 
     def insert(self, key: int, data: memoryview) -> None:
         """Store `data` (at most one block) under `key`, evicting as the policy says."""
-        slot = self._index.get(key)
-        if slot is None:
+        entry = self._index.get(key)
+        if entry is None:
             for victim in self.policy.admit(key):
                 if self.on_evict is not None:
-                    vslot = self._index[victim]
+                    vslot = self._index[victim] >> 1
                     start = vslot * self.block_size
                     self.on_evict(victim, self.arena.view[start : start + self._length[vslot]])
                 self._forget(victim)
@@ -166,9 +170,12 @@ class BlockCache:
             slot = self.arena.alloc()
             if slot is None:  # only if the policy evicted nothing although full
                 raise RuntimeError("cache policy over capacity")
-            self._index[key] = slot
+            cut = self._cut
+            self._index[key] = slot << 1 | bool(cut and hash(key) * MIX & MASK < cut)
             fid = key >> FILE_SHIFT
             self._per_file[fid] = self._per_file.get(fid, 0) + 1
+        else:
+            slot = entry >> 1
         n = len(data)
         start = slot * self.block_size
         self.arena.view[start : start + n] = data
@@ -177,8 +184,7 @@ class BlockCache:
         self.stats.active_policy = self._active_policy()
 
     def _forget(self, key: int) -> None:
-        slot = self._index.pop(key)
-        self.arena.free(slot)
+        self.arena.free(self._index.pop(key) >> 1)
         fid = key >> FILE_SHIFT
         left = self._per_file[fid] - 1
         if left:
