@@ -1,11 +1,13 @@
 """Cost of the live miss-ratio curve on the local tier's lookups (docs/policies.md).
 
-`taskset -c 0 python -m memlend.bench.curve_cost` times BlockCache.copy_one hits and
-misses of one 4 KiB block and copy_out hits of 64 blocks (a 256 KiB read), over
-random keys of a full 64 MiB cache, and the hook alone (LiveCurve.access on keys
-uniform over twice the cache: a sampled share of about the curve's rate), fastest of
-7 runs, with the curve on and off (MEMLEND_CURVE=0: the lookups skip the sampling
-test), alternating, three rounds; prints the fastest of each and the difference.
+    taskset -c 0 python -m memlend.bench.curve_cost [POLICY [CACHE_SIZE [BLOCK_SIZE]]]
+
+(default lirs-lazy 64M 4K) times BlockCache.copy_one hits and misses of 4 KiB and
+copy_out hits of 64 blocks over random keys of a full cache, and the hook alone
+(LiveCurve.access on keys uniform over twice the cache: a sampled share of about the
+curve's rate), fastest of 7 runs, with the curve on and off (MEMLEND_CURVE=0: the
+lookups skip the sampling test), alternating, three rounds; prints the fastest of
+each and the difference.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import time
 from collections.abc import Callable
 
 from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.sizes import parse_size
 from memlend.stats import MountStats
 
-BS = 4096
 OPS = 200_000
 
 
@@ -32,14 +34,14 @@ def best_ns(run: Callable[[], None], ops: int, repeat: int = 7) -> float:
     return best / ops * 1e9
 
 
-def timings(policy: str, curve: bool, cache_size: int = 64 << 20) -> dict[str, float]:
+def timings(policy: str, curve: bool, cache_size: int, bs: int) -> dict[str, float]:
     """ns per lookup of a full cache built with the curve on or off (MEMLEND_CURVE)."""
     os.environ["MEMLEND_CURVE"] = "1" if curve else "0"
     try:
-        cache = BlockCache(cache_size, BS, policy, MountStats())
+        cache = BlockCache(cache_size, bs, policy, MountStats())
     finally:
         os.environ.pop("MEMLEND_CURVE", None)
-    block = memoryview(bytes(BS))
+    block = memoryview(bytes(bs))
     base = 1 << FILE_SHIFT
     with cache.lock:
         for b in range(cache.slots):
@@ -48,21 +50,21 @@ def timings(policy: str, curve: bool, cache_size: int = 64 << 20) -> dict[str, f
     hits = [base | rng.randrange(cache.slots) for _ in range(OPS)]
     misses = [(2 << FILE_SHIFT) | rng.randrange(1 << 30) for _ in range(OPS)]
     firsts = [rng.randrange(cache.slots - 64) for _ in range(OPS // 64)]
-    out = memoryview(bytearray(64 * BS))
+    out = memoryview(bytearray(64 * bs))
     copy_one, copy_out = cache.copy_one, cache.copy_out
 
     def one(keys: list[int]) -> Callable[[], None]:
         def run() -> None:
             with cache.lock:
                 for k in keys:
-                    copy_one(k, 0, BS, out)
+                    copy_one(k, 0, 4096, out)
 
         return run
 
     def many() -> None:
         with cache.lock:
             for f in firsts:
-                copy_out(base, f, f + 63, out, 0, 64 * BS)
+                copy_out(base, f, f + 63, out, 0, 64 * bs)
 
     res = {
         "copy_one hit": best_ns(one(hits), OPS),
@@ -82,13 +84,13 @@ def timings(policy: str, curve: bool, cache_size: int = 64 << 20) -> dict[str, f
     return res
 
 
-def main(policy: str, rounds: int = 3) -> None:
+def main(policy: str, cache_size: int = 64 << 20, bs: int = 4096, rounds: int = 3) -> None:
     """Alternate caches with the curve on and off; print the fastest of each."""
     on: dict[str, float] = {}
     off: dict[str, float] = {}
     for _ in range(rounds):
         for curve, best in ((True, on), (False, off)):
-            for name, ns in timings(policy, curve).items():
+            for name, ns in timings(policy, curve, cache_size, bs).items():
                 best[name] = min(best.get(name, ns), ns)
     for name, ns in on.items():
         if name in off:
@@ -98,4 +100,9 @@ def main(policy: str, rounds: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "lirs-lazy")
+    args = sys.argv[1:]
+    main(
+        args[0] if args else "lirs-lazy",
+        parse_size(args[1]) if len(args) > 1 else 64 << 20,
+        parse_size(args[2]) if len(args) > 2 else 4096,
+    )

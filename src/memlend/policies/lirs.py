@@ -17,7 +17,8 @@ bottom" is simply the oldest entry of `_ghosts`: O(1).
 
 `lirs-tuned` (LIRSTuned) keeps 3x capacity keys of history: memlend's earlier
 default, tuned on shared/traces (mean miss ratio at 1/5/10/25% 0.599 with 2x, 0.589
-with 3x there), so it is a separate, named policy.
+with 3x there), so it is a separate, named policy. `lirs-lazy` (LIRSLazy, the
+mount's default) grants LIR status only on reuse: see its class.
 
 Deviations needed only for `discard` (and for capacity 1, where there is no LIR
 room): a key becomes LIR whenever the LIR set has room, and a demotion happens only
@@ -181,8 +182,7 @@ class LIRSTuned(LIRS):
 
 @register
 class LIRSLazy(LIRS):
-    """LIRS whose LIR set fills only by reuse (see the module docstring of
-    `lirs-lazy` in docs/policies.md).
+    """LIRS whose LIR set fills only by reuse (docs/policies.md, "lirs-lazy").
 
     The paper's LIRS makes the first blocks it sees LIR until the LIR set is full:
     after a scan the cache is full of scanned blocks nobody reads again, and a file
@@ -201,7 +201,11 @@ class LIRSLazy(LIRS):
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
-        self._seen_mod = max(1024, self.SEEN_BITS_PER_SLOT * capacity)
+        # Odd: the mount's keys are file_id << 40 | block, and with a power-of-two
+        # modulus every file's block b would share one bit. A file's consecutive
+        # blocks take consecutive bits (no collisions among them); each file starts
+        # at its own offset, file_id * 2**40 mod the modulus.
+        self._seen_mod = max(1024, self.SEEN_BITS_PER_SLOT * capacity) | 1
         self._seen = bytearray((self._seen_mod + 7) // 8)
         self._seen_set = 0
 
