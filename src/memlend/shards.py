@@ -10,10 +10,21 @@ the sampled stream, and its miss ratio estimates the full cache's.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from memlend.errors import UserError
-from memlend.policies import make_policy
-from memlend.policies.base import Policy
+
+if TYPE_CHECKING:
+    from memlend.policies.base import Policy
+
+
+def make_policy(policy: str, capacity: int) -> Policy:
+    # Imported here: memlend.policies imports policies/auto.py, which imports this
+    # module, so importing it at the top would be a cycle when this module comes first.
+    from memlend.policies import make_policy
+
+    return make_policy(policy, capacity)
+
 
 MODULUS = 1 << 24  # P: rates down to 1/16M
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
@@ -45,8 +56,19 @@ def scaled_size(blocks: int, rate: float) -> int:
     return max(1, round(blocks * rate))
 
 
-def sampled_miss_ratio(sampled: Sequence[Hashable], policy: str, blocks: int, rate: float) -> float:
-    """Miss ratio of `policy` with `blocks` estimated from a sampled stream."""
+def sampled_miss_ratio(
+    sampled: Sequence[Hashable], policy: str, blocks: int, rate: float, total: int | None = None
+) -> float:
+    """Miss ratio of `policy` with `blocks` estimated from a sampled stream.
+
+    With `total` (the references of the whole trace) it is SHARDS_adj (FAST'15 §4.1):
+    the sampled misses over the references expected at this rate, total x R, not over
+    those that were sampled. The difference is mostly a few hot keys, sampled or
+    not, whose references are nearly all hits: counting them as hits (or removing
+    them) corrects the estimate. On Twitter's cluster 52 at 1% (7,612 sampled
+    references where 10,000 were expected) the mean absolute error falls from 0.067
+    to 0.004 (docs/policies.md, "SHARDS").
+    """
     if not sampled:
         return 0.0
     p = make_policy(policy, scaled_size(blocks, rate))
@@ -57,6 +79,8 @@ def sampled_miss_ratio(sampled: Sequence[Hashable], policy: str, blocks: int, ra
         else:
             p.admit(key)
             misses += 1
+    if total is not None:
+        return min(1.0, misses / (total * threshold(rate) / MODULUS))
     return misses / len(sampled)
 
 

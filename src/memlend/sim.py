@@ -371,9 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RATE",
         help="also estimate every miss ratio from a spatially hashed sample of the "
-        "trace (SHARDS: a block is sampled when hash(block) mod P < RATE x P; cache "
-        "sizes scaled by RATE) and report its mean absolute error against the exact "
-        "curve, e.g. --sample 0.01",
+        "trace (SHARDS_adj: a block is sampled when hash(block) mod P < RATE x P; cache "
+        "sizes scaled by RATE; misses counted over the references expected at RATE) and "
+        "report its mean absolute error against the exact curve, e.g. --sample 0.01",
     )
 
 
@@ -425,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
             sampled = sample(trace, args.sample)
             run.sample_rate = args.sample
             run.sampled = [
-                sampled_miss_ratio(sampled, r.policy, r.size_blocks, args.sample) for r in results
+                sampled_miss_ratio(sampled, r.policy, r.size_blocks, args.sample, len(trace))
+                for r in results
             ]
         runs.append(run)
 
