@@ -106,13 +106,14 @@ def read_all(path, chunk: int) -> None:
 @pytest.mark.tiers("memlend")
 @pytest.mark.parametrize("chunk", [64 << 10, 1 << 20])  # below and in read-ahead
 def test_mount_curve_of_a_file_read_twice(mount_factory, chunk: int) -> None:
-    """A 16 MiB file read twice through an 8 MiB LRU cache hits nothing; the curve
-    says 4x the cache would have held it for the second pass."""
+    """A 32 MiB file read twice through a 16 MiB LRU cache hits nothing; the curve
+    says 4x the cache would have held it for the second pass. (Big enough for about
+    128 sampled lookups at the local curve's largest rate, 1/128.)"""
     m = mount_factory(
-        "--cache-size", "8M", "--block-size", "4K", "--policy", "lru",
+        "--cache-size", "16M", "--block-size", "4K", "--policy", "lru",
         "--metrics", "127.0.0.1:0",
     )  # fmt: skip
-    (m.backing / "f").write_bytes(bytes(16 << 20))
+    (m.backing / "f").write_bytes(bytes(32 << 20))
     read_all(m.mnt / "f", chunk)
     read_all(m.mnt / "f", chunk)
     s = json.loads(memlend("stats", str(m.mnt), "--json").stdout)
@@ -120,13 +121,13 @@ def test_mount_curve_of_a_file_read_twice(mount_factory, chunk: int) -> None:
     at = {p["multiplier"]: p for p in curve["points"]}
     assert curve["sampled"] > 100
     assert curve["hit_ratio_now"] < 0.05
-    assert at[4]["cache_bytes"] == 4 * (8 << 20)
+    assert at[4]["cache_bytes"] == 4 * (16 << 20)
     assert at[4]["hit_ratio"] > 0.4
     assert at[4]["hit_ratio"] > curve["hit_ratio_now"] + 0.3
     assert at[0.5]["hit_ratio"] < 0.05
-    assert scrape(s["metrics"])[str(4 * (8 << 20))] == pytest.approx(at[4]["hit_ratio"], abs=0.05)
+    assert scrape(s["metrics"])[str(4 * (16 << 20))] == pytest.approx(at[4]["hit_ratio"], abs=0.05)
     human = memlend("stats", str(m.mnt)).stdout
-    assert "local hit ratio 0% now" in human and "with 4x (32.0 MiB)" in human
+    assert "local hit ratio 0% now" in human and "with 4x (64.0 MiB)" in human
 
 
 @pytest.mark.tiers("kernel")

@@ -10,7 +10,7 @@ miniature cache), as in policies/auto.py, so the curve follows phases.
 Fixed memory, fixed rate: the miniature caches hold at most round(slots x m x rate)
 keys each, so their memory is set when the curve is built. The rate is chosen then,
 as the largest that keeps them within `budget` bytes (curve_budget: at most 1/32 of
-the cache and 8 MiB) and at most MAX_RATE. Fixed-size SHARDS (FAST'15 §3.3) lowers
+the cache and 8 MiB) and at most LOCAL_MAX_RATE. Fixed-size SHARDS (FAST'15 §3.3) lowers
 the rate as distinct keys arrive because it tracks every sampled key for all cache
 sizes; here only five sizes are simulated and each is a capacity-bounded cache, so
 the bound holds from the start without resampling.
@@ -24,9 +24,13 @@ from memlend.shards import MODULUS, MiniSim, threshold
 MULTIPLIERS = (0.5, 1, 2, 4, 8)
 MAX_BYTES = 8 << 20  # all miniature caches together, whatever the cache size
 CACHE_FRACTION = 32  # and at most 1/32 of --cache-size (the rest holds blocks)
-# A sampled reference runs five miniature caches (2-5 µs, docs/policies.md); at most
-# one key in 32 keeps that to ~0.15 µs per lookup on average.
+# The remote curve and the lenders' advice (stackcurve.py) sample at most one key in 32:
+# ~4 µs per sampled key against a remote hit's 40-50 µs.
 MAX_RATE = 1 / 32
+# The local curve's sampled reference runs five miniature caches, ~15 µs with
+# lirs-lazy at 256 MiB; at 1 in 32 that cost 0.4 µs per hit (2.8% of a ~14 µs local
+# hit's CPU, docs/policies.md): one key in 128 at most keeps it near 0.1 µs.
+LOCAL_MAX_RATE = 1 / 128
 WINDOW_MIN = 256  # sampled references between decays, at least
 DECAY = 0.5
 # shards.key_hash(key) < T is tested as hash(key) * MIX & MASK < cut (cut = T << 40):
@@ -41,11 +45,11 @@ def curve_budget(cache_size: int) -> int:
 
 
 def curve_rate(slots: int, budget: int, policy: str, multipliers: tuple[float, ...]) -> float:
-    """The largest sampling rate (up to MAX_RATE) whose miniature caches fit `budget`."""
+    """The largest sampling rate (up to LOCAL_MAX_RATE) whose miniature caches fit `budget`."""
     # One key per multiplier of slack for scaled_size's rounding. (Caches under ~1 MiB
     # get the five one-key miniature caches, a few KiB past their budget.)
     keys = budget // bookkeeping_bytes(policy) - len(multipliers)
-    return max(1 / MODULUS, min(MAX_RATE, keys / (slots * sum(multipliers))))
+    return max(1 / MODULUS, min(LOCAL_MAX_RATE, keys / (slots * sum(multipliers))))
 
 
 def curve_policy(policy: str) -> str:

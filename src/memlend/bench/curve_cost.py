@@ -7,7 +7,7 @@ copy_out hits of 64 blocks over random keys of a full cache, and the hook alone
 (LiveCurve.access on keys uniform over twice the cache: a sampled share of about the
 curve's rate), fastest of 7 runs, with the curve on and off (MEMLEND_CURVE=0: the
 lookups skip the sampling test), alternating, three rounds; prints the fastest of
-each and the difference.
+each and the difference, and what one sampled reference costs the curve (record()).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from memlend.fs.cache import FILE_SHIFT, BlockCache
+from memlend.mrc import MASK, MIX
 from memlend.sizes import parse_size
 from memlend.stats import MountStats
 
@@ -80,6 +81,16 @@ def timings(policy: str, curve: bool, cache_size: int, bs: int) -> dict[str, flo
                 access(k, True)
 
         res["hook alone"] = best_ns(hook, OPS)
+        cut, record = cache.curve.cut, cache.curve.record
+        sampled = [k for k in range(base, base + cache.slots) if hash(k) * MIX & MASK < cut]
+        refs = [rng.choice(sampled) for _ in range(OPS // 4)] if sampled else []
+
+        def recorded() -> None:
+            for k in refs:
+                record(k, True)
+
+        if refs:
+            res["record (sampled ref)"] = best_ns(recorded, len(refs))
         print(f"{policy}, {cache.slots} slots, curve rate {cache.curve.rate:.4f}")
     return res
 
