@@ -27,9 +27,9 @@ CACHE_FRACTION = 32  # and at most 1/32 of --cache-size (the rest holds blocks)
 # The remote curve and the lenders' advice (stackcurve.py) sample at most one key in 32:
 # ~4 µs per sampled key against a remote hit's 40-50 µs.
 MAX_RATE = 1 / 32
-# The local curve's sampled reference runs five miniature caches, ~15 µs with
-# lirs-lazy at 256 MiB; at 1 in 32 that cost 0.4 µs per hit (2.8% of a ~14 µs local
-# hit's CPU, docs/policies.md): one key in 128 at most keeps it near 0.1 µs.
+# A sampled reference of the local curve runs five miniature caches (~3.4 µs with
+# lirs-lazy); at most one key in 128 keeps that under 30 ns per hit on average
+# (docs/policies.md, "CPU cost": the curve costs 0.3-0.5% of a local hit's CPU).
 LOCAL_MAX_RATE = 1 / 128
 WINDOW_MIN = 256  # sampled references between decays, at least
 DECAY = 0.5

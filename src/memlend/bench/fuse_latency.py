@@ -160,6 +160,7 @@ class Bench:
             block_size=block,
             threads=threads,
             log_file=self.log,
+            local_tier="memlend",  # its cache sizes and block sizes are the memlend tier's
         )
 
     def _verify(self, mounted: str, original: Path, count: int = 64) -> bool:
