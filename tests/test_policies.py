@@ -389,7 +389,7 @@ class RefLIRS:
         if x in self.S:
             self.to_top(x)
             self.promote(x)
-        elif len(self.lir) < self.lir_cap:
+        elif self.starts_lir(x):
             self.S.append(x)
             self.lir.add(x)
         else:
@@ -398,6 +398,10 @@ class RefLIRS:
         self.prune()
         self.bound()
         return ev
+
+    def starts_lir(self, x) -> bool:
+        """A key never in S is LIR on admission while the LIR set has room."""
+        return len(self.lir) < self.lir_cap
 
     def discard(self, x) -> None:
         if x in self.lir:
@@ -431,25 +435,13 @@ class RefLIRSLazy(RefLIRS):
         super().promote(x)
         self.prune()
 
-    def miss(self, x) -> list:
-        ev = []
-        if len(self.lir) + len(self.Q) >= self.c:
-            ev.append(self.Q.pop(0))
-        room = len(self.lir) < self.lir_cap
-        if x in self.S:
-            self.to_top(x)
-            self.promote(x)
-        elif room and x in self.seen:
-            self.S.append(x)
-            self.lir.add(x)
-        else:
-            if room:
-                self.seen.add(x)
-            self.S.append(x)
-            self.Q.append(x)
-        self.prune()
-        self.bound()
-        return ev
+    def starts_lir(self, x) -> bool:
+        if len(self.lir) >= self.lir_cap:
+            return False
+        if x in self.seen:
+            return True
+        self.seen.add(x)
+        return False
 
 
 REFERENCES = {

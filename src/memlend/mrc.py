@@ -83,9 +83,13 @@ class LiveCurve:
         self.refs = 0.0
         self._until_decay = self.window
 
+    def in_sample(self, key: int) -> bool:
+        """Whether `key` is in the sample (the same answer at every reference)."""
+        return hash(key) * MIX & MASK < self.cut
+
     def access(self, key: int, hit: bool) -> None:
         """One lookup of `key` by a read; `hit` says whether the real cache had it."""
-        if hash(key) * MIX & MASK < self.cut:
+        if self.in_sample(key):
             self.record(key, hit)
 
     def record(self, key: int, hit: bool) -> None:

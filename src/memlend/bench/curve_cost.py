@@ -5,8 +5,8 @@
 (default lirs-lazy 64M 4K) times BlockCache.copy_one hits and misses of 4 KiB and
 copy_out hits of 64 blocks over random keys of a full cache, and the hook alone
 (LiveCurve.access on keys uniform over twice the cache: a sampled share of about the
-curve's rate), fastest of 7 runs, with the curve on and off (MEMLEND_CURVE=0: the
-lookups skip the sampling test), alternating, three rounds; prints the fastest of
+curve's rate), fastest of 7 runs, with the curve on and off (MEMLEND_CURVE=0:
+nothing is sampled), alternating, three rounds; prints the fastest of
 each and the difference, and what one sampled reference costs the curve (record()).
 """
 

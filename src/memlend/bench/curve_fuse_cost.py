@@ -9,8 +9,8 @@ cached after one sequential pass), pins every daemon thread and the C reader
 Same CPU on purpose: on this VM a reader on the other, idle vCPU waits ~100 µs per
 read for its wake-up (124 µs median against 17.6 µs on one CPU), which would bury a
 0.2 µs effect; on one CPU the wall time per read is all CPU: reader, kernel, daemon.
-Each round mounts twice, the curve on (the default) and off (MEMLEND_CURVE=0: the
-lookups skip the sampling test; the curve's memory stays set aside, so both hold the
+Each round mounts twice, the curve on (the default) and off (MEMLEND_CURVE=0:
+nothing is sampled, so a hit never records; the curve's memory stays set aside, so both hold the
 same slots), in alternating order. Per run: reads/s, median latency, and the daemon's
 CPU time per read (utime + stime of all its threads, /proc/PID/stat, over the timed
 reads). Prints each run, the medians and the overhead of the curve (on / off - 1).
@@ -26,20 +26,9 @@ import tempfile
 from pathlib import Path
 
 from memlend.bench import fuse_tools as ft
+from memlend.bench.testbed import cpu_times, cpu_usage, proc_cpu_seconds
 
 MiB = 1 << 20
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_times() -> list[int]:
-    """The machine's /proc/stat cpu line: user nice system idle iowait irq softirq steal."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:9]]
 
 
 def one_run(tools: ft.Tools, work: Path, curve: bool, n: int, policy: str) -> dict:
@@ -62,9 +51,9 @@ def one_run(tools: ft.Tools, work: Path, curve: bool, n: int, policy: str) -> di
             path = str(mnt / "data")
             ft.run_reader(tools, 0, path, "seq", "--req", str(MiB), "--passes", "1")
             before = m.stats()
-            c0 = cpu_seconds(m.pid)
+            c0 = proc_cpu_seconds(m.pid)
             res = ft.run_reader(tools, 0, path, "rand", "--n", str(n), "--bs", "4096")
-            c1 = cpu_seconds(m.pid)
+            c1 = proc_cpu_seconds(m.pid)
             after = m.stats()
     finally:
         os.environ.pop("MEMLEND_CURVE", None)
@@ -120,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ft.cleanup()
         foreign = load.take()
         load.stop()
-        delta = [b - a for a, b in zip(t0, cpu_times(), strict=True)]
-        steal = delta[7] / max(1, sum(delta))
+        steal = cpu_usage(t0, cpu_times())["cpu0"]["steal"]
     on = [r for r in runs if r["curve"]]
     off = [r for r in runs if not r["curve"]]
     for key, unit in (
@@ -138,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{unit}; on/off - 1 = {a / b - 1:+.2%}"
         )
     print(
-        f"pinning: daemon and reader on CPU 0; steal {steal:.1%}; foreign CPU: {foreign}; "
+        f"pinning: daemon and reader on CPU 0; steal on CPU 0 {steal:.1%}; foreign CPU: {foreign}; "
         f"load {os.getloadavg()}"
     )
     return 0

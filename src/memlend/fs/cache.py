@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Callable
 
 from memlend.arena import Arena
-from memlend.mrc import MASK, MIX, MULTIPLIERS, LiveCurve, curve_budget, curve_policy, curve_rate
+from memlend.mrc import MULTIPLIERS, LiveCurve, curve_budget, curve_policy, curve_rate
 from memlend.policies import make_policy, slots_within
 from memlend.stats import MountStats
 
@@ -47,14 +47,14 @@ class BlockCache:
         cpol = curve_policy(policy)
         rate = curve_rate(nslots, curve_budget(cache_size), cpol, MULTIPLIERS)
         self.curve = LiveCurve(nslots, rate, MULTIPLIERS, cpol)
-        # Lookups test the curve's sampling inline (mrc.MIX): a call for each costs ~60 ns.
-        # MEMLEND_CURVE=0 skips the test (cut 0; its memory stays set aside): the
-        # measurement switch of memlend.bench.curve_fuse_cost.
-        self._cut = self.curve.cut if os.environ.get("MEMLEND_CURVE", "1") != "0" else 0
+        if os.environ.get("MEMLEND_CURVE", "1") == "0":
+            # The measurement switch of memlend.bench.curve_fuse_cost: nothing is
+            # sampled (its memory stays set aside, so the slots are the same).
+            self.curve.cut = 0
         self.lock = threading.Lock()
         # key -> slot << 1 | sampled: whether the curve samples a block is decided once,
-        # when it enters (the test is ~200 ns of big-int arithmetic), so a hit pays
-        # one bit test for it.
+        # when it enters (curve.in_sample: ~130 ns of big-int arithmetic and a call), so
+        # a hit pays one bit test for it; misses, before a disk or lender read, ask.
         self._index: dict[int, int] = {}
         self._length = array("I", bytes(4 * nslots))  # valid bytes in each slot
         self._per_file: dict[int, int] = {}  # file_id -> resident blocks
@@ -88,7 +88,7 @@ class BlockCache:
         entry = self._index.get(key)
         if entry is None:
             self.stats.add("local_misses")
-            if (cut := self._cut) and hash(key) * MIX & MASK < cut:
+            if self.curve.in_sample(key):
                 self.curve.record(key, False)
             return -1
         self.policy.touch(key)
@@ -112,7 +112,7 @@ class BlockCache:
         return each block's valid length, or -1 for a miss."""
         bs = self.block_size
         index, policy, arena, length = self._index, self.policy, self.arena.view, self._length
-        cut, record = self._cut, self.curve.record
+        in_sample, record = self.curve.in_sample, self.curve.record
         lens = []
         hits = 0
         pos = 0
@@ -120,7 +120,7 @@ class BlockCache:
             key = base | b
             entry = index.get(key)
             if entry is None:
-                if cut and hash(key) * MIX & MASK < cut:
+                if in_sample(key):
                     record(key, False)
                 lens.append(-1)
             else:
@@ -143,11 +143,8 @@ class BlockCache:
     def streamed(self, base: int, first: int, last: int) -> None:
         """Blocks first..last of file `base` were served from a read-ahead window:
         lookups that missed, for the curve (the window read them from disk). The lock
-        is taken only when one of them is sampled (about one read in 32 or fewer)."""
-        cut = self._cut
-        if not cut:
-            return
-        sampled = [k for k in range(base | first, (base | last) + 1) if hash(k) * MIX & MASK < cut]
+        is taken only when one of them is sampled (one block in 128 or fewer)."""
+        sampled = [k for k in range(base | first, (base | last) + 1) if self.curve.in_sample(k)]
         if sampled:
             with self.lock:
                 for k in sampled:
@@ -170,8 +167,7 @@ class BlockCache:
             slot = self.arena.alloc()
             if slot is None:  # only if the policy evicted nothing although full
                 raise RuntimeError("cache policy over capacity")
-            cut = self._cut
-            self._index[key] = slot << 1 | bool(cut and hash(key) * MIX & MASK < cut)
+            self._index[key] = slot << 1 | self.curve.in_sample(key)
             fid = key >> FILE_SHIFT
             self._per_file[fid] = self._per_file.get(fid, 0) + 1
         else:
