@@ -150,7 +150,9 @@ def recv_put_outcome(fn, frame: bytes, first: int, cap: int, eof: bool) -> tuple
     the buffer are required), the error, or the end of file."""
     a, b = socket.socketpair()
     a.setblocking(False)
-    sender = threading.Thread(target=send_then_close, args=(b, frame[first:] + b"tail", eof))
+    # With eof nothing follows the frame: "tail" would be the 4 bytes that complete it.
+    rest = frame[first:] + (b"" if eof else b"tail")
+    sender = threading.Thread(target=send_then_close, args=(b, rest, eof))
     sender.start()
     try:
         buf = bytearray(cap)
